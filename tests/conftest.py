@@ -1,0 +1,90 @@
+"""Tiny synthetic MNIST: real IDX files of learnable 28x28 digits, and params to match."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline.mnist import FILES, idx_bytes, md5
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def synthetic_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images (n, 28, 28) where class k is a bright 8x8 block at a spot set by k, plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n).astype(np.uint8)
+    images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+    for i, k in enumerate(labels):
+        r, c = 2 + 12 * (k // 5), 5 * (k % 5)
+        images[i, r : r + 8, c : c + 8] = 255
+    return images, labels
+
+
+def synthetic_files(n_train: int = 600, n_test: int = 200) -> dict[str, bytes]:
+    """The four IDX files, uncompressed, keyed by their official names."""
+    train_x, train_y = synthetic_digits(n_train, seed=0)
+    test_x, test_y = synthetic_digits(n_test, seed=1)
+    return dict(zip(FILES, map(idx_bytes, [train_x, train_y, test_x, test_y]), strict=True))
+
+
+def tiny_params(source_dir: Path) -> dict:
+    """The repo's params.yaml shrunk: local synthetic source, a few epochs, CPU."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    files = synthetic_files()
+    params["download"].update(
+        source_dir=str(source_dir), mirrors=[], package="", checksums={k: md5(v) for k, v in files.items()}
+    )
+    params["preprocess"]["val_size"] = 100
+    params["train"].update(epochs=2, batch_size=32, lr=0.002, device="cpu")
+    params["model"]["nf"] = 8
+    params["evaluate"]["device"] = "cpu"
+    params["mlflow"]["experiment_name"] = "tests"
+    return params
+
+
+@pytest.fixture
+def raw_dir(tmp_path: Path) -> Path:
+    """A folder holding the synthetic IDX files, as a `download.source_dir`."""
+    folder = tmp_path / "source"
+    folder.mkdir()
+    for name, data in synthetic_files().items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, raw_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A working directory with tiny params.yaml and its own MLflow store; the cwd of the test."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "params.yaml").write_text(yaml.safe_dump(tiny_params(raw_dir), sort_keys=False))
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    return work
+
+
+def copy_repo(dest: Path) -> Path:
+    """Copy the tracked parts of the repo (no data, no venv) to `dest`."""
+    ignore = shutil.ignore_patterns(
+        ".venv",
+        ".git",
+        "data",
+        "models",
+        "reports",
+        "mlflow.db",
+        "mlartifacts",
+        ".cache",
+        "__pycache__",
+        ".pytest_cache",
+        ".ruff_cache",
+        "tmp",
+        "cache",
+    )
+    shutil.copytree(REPO, dest, ignore=ignore)
+    return dest
