@@ -1,0 +1,116 @@
+"""The real pipeline: `dvc repro` in a temporary copy of the repo, on synthetic data, tiny params."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from .conftest import copy_repo, synthetic_files, tiny_params
+
+pytestmark = pytest.mark.slow
+
+
+def sh(repo: Path, *cmd: str) -> str:
+    """Run a command in the repo copy with the venv first on PATH; return its output, fail loudly."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    result = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{output[-3000:]}"
+    return output
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """A git+DVC copy of the repo whose params point at synthetic IDX files; `dvc repro` run once."""
+    root = tmp_path_factory.mktemp("e2e")
+    source = root / "source"
+    source.mkdir()
+    for name, data in synthetic_files().items():
+        (source / name).write_bytes(data)
+    repo = copy_repo(root / "repo")
+    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params(source), sort_keys=False))
+    sh(repo, "git", "init", "-q")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "copy")
+    (root / "first-repro.log").write_text(sh(repo, "dvc", "repro"))
+    return repo
+
+
+def test_repro_writes_every_declared_output(repo) -> None:
+    output = (repo.parent / "first-repro.log").read_text()
+    for stage in ("download", "preprocess", "train", "evaluate"):
+        assert f"Running stage '{stage}'" in output
+    for path in (
+        "data/raw/train-images-idx3-ubyte",
+        "data/processed/train.pt",
+        "models/model.pt",
+        "models/history.csv",
+        "models/mlflow_run.json",
+        "reports/metrics.json",
+        "reports/confusion_matrix.png",
+        "reports/misclassified.png",
+        "reports/per_class.csv",
+    ):
+        assert (repo / path).is_file(), path
+    assert (repo / "mlflow.db").is_file()  # MLflow's default store at the repo root
+
+
+def test_second_repro_does_nothing_and_status_is_clean(repo) -> None:
+    out = sh(repo, "dvc", "repro")
+    assert "Running stage" not in out and "up to date" in out
+    assert "up to date" in sh(repo, "dvc", "status")
+
+
+def test_mlflow_run_holds_the_whole_story(repo) -> None:
+    info = json.loads((repo / "models/mlflow_run.json").read_text())
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    client = MlflowClient()
+    run = client.get_run(info["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.epochs"] == "2" and run.data.params["model.nf"] == "8"
+    assert run.data.params["evaluate.batch_size"] == "1000"
+    assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == 2
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+    assert {"git_commit", "device", "torch_version", "data.train_md5", "data.dvc_md5"} <= set(run.data.tags)
+    assert run.inputs.dataset_inputs[0].dataset.name == "mnist-train"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert "evaluation/confusion_matrix.png" in artifacts and "evaluation/metrics.json" in artifacts
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    import numpy as np
+
+    assert model.predict(np.zeros((3, 1, 28, 28), dtype=np.float32)).shape == (3, 10)
+
+
+def test_dvc_metrics_params_and_plots(repo) -> None:
+    assert "test_accuracy" in sh(repo, "dvc", "metrics", "show")
+    sh(repo, "dvc", "params", "diff")
+    out = sh(repo, "dvc", "plots", "show", "--json")
+    assert "loss" in out and "confusion" in out
+
+
+def test_changing_lr_reruns_only_train_and_evaluate(repo) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["lr"] = 0.003
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert "train.lr" in sh(repo, "dvc", "params", "diff")
+    out = sh(repo, "dvc", "repro")
+    assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
+    assert "Running stage 'download'" not in out and "Running stage 'preprocess'" not in out
+
+
+def test_dvc_exp_run_with_set_param(repo) -> None:
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "lr")
+    out = sh(repo, "dvc", "exp", "run", "-S", "train.epochs=1")
+    assert "Running stage 'train'" in out
+    assert "train.epochs" in sh(repo, "dvc", "exp", "show", "--no-pager", "--csv")

@@ -1,0 +1,104 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import params as P
+from pipeline.errors import ParamsError
+
+from .conftest import REPO
+
+SECTIONS = {
+    "download": P.DownloadConfig,
+    "preprocess": P.PreprocessConfig,
+    "model": P.ModelConfig,
+    "train": P.TrainConfig,
+    "evaluate": P.EvaluateConfig,
+    "mlflow": P.MlflowConfig,
+}
+
+
+def write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def repo_params() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_repo_params_load_and_name_every_field(section: str) -> None:
+    cfg = P.load_section(section, SECTIONS[section], REPO / "params.yaml")
+    # params.yaml spells out every key, so `dvc params diff` shows every setting.
+    assert set(repo_params()[section]) == set(vars(cfg))
+
+
+def test_defaults_are_the_tutorial_recipe() -> None:
+    train = P.load_section("train", P.TrainConfig, REPO / "params.yaml")
+    assert (train.epochs, train.batch_size, train.lr, train.betas) == (10, 64, 1e-4, [0.5, 0.999])
+    assert P.load_section("model", P.ModelConfig, REPO / "params.yaml").nf == 32
+    assert P.load_section("preprocess", P.PreprocessConfig, REPO / "params.yaml").val_size == 5000
+
+
+def test_dvc_yaml_lists_the_sections_each_stage_reads() -> None:
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert stages["download"]["params"] == ["download"]
+    assert stages["preprocess"]["params"] == ["preprocess"]
+    assert stages["train"]["params"] == ["model", "train", "mlflow"]
+    assert stages["evaluate"]["params"] == ["evaluate"]
+
+
+BAD = [
+    ("train", "lr", -1, "train.lr must be a positive number, got -1"),
+    ("train", "lr", 0, "train.lr must be a positive number"),
+    ("train", "lr", "fast", "train.lr must be a number, got 'fast'"),
+    ("train", "epochs", 0, "train.epochs must be an integer >= 1, got 0"),
+    ("train", "epochs", 2.5, "train.epochs must be an integer, got 2.5"),
+    ("train", "epochs", True, "train.epochs must be an integer, got True"),
+    ("train", "batch_size", 0, "train.batch_size must be an integer >= 1"),
+    ("train", "betas", [0.5], "train.betas must be two numbers in [0, 1)"),
+    ("train", "betas", [0.5, 1.0], "train.betas must be two numbers in [0, 1)"),
+    ("train", "device", "tpu", "train.device must be one of auto, cpu, cuda, mps"),
+    ("train", "seed", "x", "train.seed must be an integer"),
+    ("model", "nf", 0, "model.nf must be an integer >= 1"),
+    ("preprocess", "val_size", 0, "preprocess.val_size must be an integer >= 1"),
+    ("evaluate", "batch_size", -5, "evaluate.batch_size must be an integer >= 1"),
+    ("evaluate", "device", "gpu", "evaluate.device must be one of"),
+    ("download", "mirrors", "http://x", "download.mirrors must be a list of str"),
+    ("download", "timeout", 0, "download.timeout must be a positive number"),
+    ("download", "checksums", {"a": "b"}, "download.checksums must be a mapping with exactly the keys"),
+    ("mlflow", "experiment_name", " ", "mlflow.experiment_name must be a non-empty string"),
+]
+
+
+@pytest.mark.parametrize(("section", "key", "value", "message"), BAD, ids=[f"{s}.{k}={v}" for s, k, v, _ in BAD])
+def test_bad_value_names_key_expected_and_found(tmp_path, section, key, value, message) -> None:
+    data = repo_params()
+    data[section][key] = value
+    with pytest.raises(ParamsError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        P.load_section(section, SECTIONS[section], write(tmp_path, data))
+
+
+def test_unknown_key_is_an_error(tmp_path) -> None:
+    data = repo_params()
+    data["train"]["learning_rate"] = 0.1
+    with pytest.raises(ParamsError, match="unknown key train.learning_rate"):
+        P.load_section("train", P.TrainConfig, write(tmp_path, data))
+
+
+def test_missing_section_and_bad_yaml(tmp_path) -> None:
+    with pytest.raises(ParamsError, match="no 'train' section"):
+        P.load_section("train", P.TrainConfig, write(tmp_path, {"model": {"nf": 8}}))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        P.load_section("train", P.TrainConfig, bad)
+    with pytest.raises(ParamsError, match="not found"):
+        P.load_section("train", P.TrainConfig, tmp_path / "missing.yaml")
+
+
+def test_ints_are_accepted_for_floats_and_missing_keys_take_defaults(tmp_path) -> None:
+    cfg = P.load_section("train", P.TrainConfig, write(tmp_path, {"train": {"lr": 1, "betas": [0, 0.9]}}))
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and cfg.betas == [0.0, 0.9] and cfg.epochs == 10
