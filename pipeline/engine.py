@@ -17,14 +17,20 @@ def train_one_epoch(
     generator: torch.Generator,
     desc: str = "train",
 ) -> dict[str, float]:
-    """One pass over (images, labels) in a seeded random order; returns mean loss and accuracy."""
+    """One pass over (images, labels) in a seeded random order.
+
+    Returns mean loss and accuracy, and `first_bad_batch`: the 1-based batch whose loss was NaN or
+    infinite, or -1.
+    """
     model.train()
     n = len(images)
     order = torch.randperm(n, generator=generator).to(images.device)
     # Sums stay on the device: reading them every batch (.item()) would sync each step.
     loss_sum = torch.zeros((), device=images.device)
     correct = torch.zeros((), dtype=torch.long, device=images.device)
-    for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch", leave=False):
+    # Index of the first batch whose loss was not finite (-1: none), tracked on the device too.
+    first_bad = torch.full((), -1, dtype=torch.long, device=images.device)
+    for batch, start in enumerate(tqdm(range(0, n, batch_size), desc=desc, unit="batch", leave=False), 1):
         idx = order[start : start + batch_size]
         x, y = images[idx], labels[idx]  # (B, 1, 28, 28) uint8, (B,)
         logits = model(x)
@@ -34,7 +40,8 @@ def train_one_epoch(
         optimizer.step()
         loss_sum += loss.detach() * len(idx)
         correct += (logits.argmax(1) == y).sum()
-    return {"loss": loss_sum.item() / n, "accuracy": correct.item() / n}
+        first_bad = torch.where((first_bad < 0) & ~loss.detach().isfinite(), batch, first_bad)
+    return {"loss": loss_sum.item() / n, "accuracy": correct.item() / n, "first_bad_batch": int(first_bad)}
 
 
 @torch.no_grad()

@@ -19,8 +19,11 @@ class DataError(PipelineError):
 
 
 def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage's main(); a PipelineError ends it with a clear message and exit code 1."""
+    """Run a stage's main(); a PipelineError ends it with a clear message and exit code 1, Ctrl-C with 130."""
     try:
         main()
     except PipelineError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print("interrupted: outputs of this stage were not written", file=sys.stderr)
+        sys.exit(130)  # the shell's code for SIGINT

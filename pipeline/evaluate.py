@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -30,13 +31,27 @@ from pipeline.runtime import pick_device  # noqa: E402
 log = logging.getLogger("pipeline.evaluate")
 
 
-def load_model(path: Path, device: torch.device) -> torch.nn.Module:
-    """Rebuild the network from the checkpoint's own model config and load its weights."""
+def load_model(path: Path, expected: ModelConfig, device: torch.device) -> torch.nn.Module:
+    """Rebuild the network from the checkpoint, refusing one made with other model settings."""
     if not path.is_file():
         raise DataError(f"{path} not found; run the train stage first")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_model(ModelConfig(**checkpoint["model"]))
-    model.load_state_dict(checkpoint["state_dict"])
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        saved = checkpoint["model"]
+    except Exception as e:
+        raise DataError(f"{path} is not a model checkpoint written by train ({type(e).__name__}: {e})") from e
+    if saved != dataclasses.asdict(expected):
+        diff = ", ".join(
+            f"model.{k}={saved.get(k)!r} in the file but {v!r} in params.yaml"
+            for k, v in dataclasses.asdict(expected).items()
+            if saved.get(k) != v
+        )
+        raise DataError(f"{path} was trained with other model settings ({diff}); re-run the train stage")
+    model = build_model(expected)
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except (KeyError, RuntimeError) as e:
+        raise DataError(f"{path}: weights do not fit the network of {expected} ({str(e)[:300]})") from e
     return model.to(device).eval()
 
 
@@ -104,9 +119,10 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     cfg = load_section("evaluate", EvaluateConfig)
+    model_cfg = load_section("model", ModelConfig)
     device = pick_device(cfg.device, "evaluate.device")
     images, labels = load_split(args.data / "test.pt")
-    model = load_model(args.models / "model.pt", device)
+    model = load_model(args.models / "model.pt", model_cfg, device)
 
     with tracking.resume_run(args.models / "mlflow_run.json"):
         logits = predict(model, images.to(device), cfg.batch_size).cpu()

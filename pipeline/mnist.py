@@ -35,6 +35,27 @@ def idx_bytes(array: np.ndarray) -> bytes:
     return header + np.ascontiguousarray(array).tobytes()
 
 
+def check_idx(path: Path, images: bool) -> int:
+    """Check an IDX file's header against its kind and size; return its item count."""
+    kind, magic, ndim = ("images", IMAGE_MAGIC, 3) if images else ("labels", LABEL_MAGIC, 1)
+    size = path.stat().st_size
+    header_size = 4 * (1 + ndim)
+    if size < header_size:
+        raise DataError(f"{path} is truncated: {size} bytes, shorter than an IDX {kind} header")
+    with open(path, "rb") as f:
+        header = np.frombuffer(f.read(header_size), dtype=">i4")
+    if header[0] != magic:
+        other = {IMAGE_MAGIC: "an images file", LABEL_MAGIC: "a labels file"}.get(int(header[0]), "not IDX uint8")
+        raise DataError(f"{path}: IDX magic number {int(header[0])} ({other}), expected {magic} for {kind}")
+    dims = [int(d) for d in header[1:]]
+    if images and dims[1:] != [28, 28]:
+        raise DataError(f"{path}: images are {dims[1]}x{dims[2]}, expected 28x28")
+    expected = header_size + int(np.prod(dims))
+    if size != expected:
+        raise DataError(f"{path}: header says {dims[0]} {kind} ({expected} bytes) but the file has {size} bytes")
+    return dims[0]
+
+
 # A source maps each file name to its uncompressed bytes, or raises.
 Source = Callable[[], dict[str, bytes]]
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
-from pipeline.data import save_split
-from pipeline.errors import DataError, run_stage
+from pipeline.data import NUM_CLASSES, save_split
+from pipeline.errors import DataError, ParamsError, run_stage
+from pipeline.mnist import check_idx
 from pipeline.params import PreprocessConfig, load_section
 
 log = logging.getLogger("pipeline.preprocess")
@@ -22,20 +23,20 @@ def read_pair(raw: Path, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
     for path in (images_file, labels_file):
         if not path.is_file():
             raise DataError(f"{path} not found; run the download stage first")
-    try:
-        images = read_image_file(str(images_file))
-        labels = read_label_file(str(labels_file)).long()
-    except (AssertionError, RuntimeError, ValueError) as e:
-        raise DataError(f"{raw}/{prefix}-*: not valid IDX files ({type(e).__name__}: {e})") from e
-    if len(images) != len(labels):
-        raise DataError(f"{images_file} has {len(images)} images but {labels_file} {len(labels)} labels")
+    n_images, n_labels = check_idx(images_file, images=True), check_idx(labels_file, images=False)
+    if n_images != n_labels:
+        raise DataError(f"{images_file} has {n_images} images but {labels_file} has {n_labels} labels")
+    images = read_image_file(str(images_file))
+    labels = read_label_file(str(labels_file)).long()
+    if int(labels.max()) >= NUM_CLASSES:
+        raise DataError(f"{labels_file}: labels must lie in [0, 9], found {int(labels.max())}")
     return images, labels
 
 
 def split(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded random split of range(n) into (train indices, val indices), each sorted."""
     if not 1 <= val_size < n:
-        raise DataError(f"preprocess.val_size must be in [1, {n - 1}] for {n} images, got {val_size}")
+        raise ParamsError(f"preprocess.val_size must be in [1, {n - 1}] for {n} images, got {val_size}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return perm[val_size:].sort().values, perm[:val_size].sort().values
 

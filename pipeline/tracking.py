@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import subprocess
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,18 +54,29 @@ def dvc_out_hash(path: str, lock_file: Path = Path("dvc.lock")) -> str | None:
 
 
 @contextmanager
-def start_run(experiment_name: str) -> Iterator[mlflow.ActiveRun]:
-    """Join the run `mlflow run` made (MLFLOW_RUN_ID), or start one in the experiment."""
+def start_run(experiment_name: str, run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+    """Reopen `run_id`, join the run `mlflow run` made (MLFLOW_RUN_ID), or start one in the experiment."""
     try:
-        if run_id := os.environ.get("MLFLOW_RUN_ID"):
+        if run_id := run_id or os.environ.get("MLFLOW_RUN_ID"):
             active = mlflow.start_run(run_id=run_id)
         else:
             mlflow.set_experiment(experiment_name)
             active = mlflow.start_run()
     except mlflow.exceptions.MlflowException as e:
         raise PipelineError(f"MLflow tracking at {mlflow.get_tracking_uri()} failed: {e}") from e
-    with active as run:
+    with _ending(active) as run:
         yield run
+
+
+@contextmanager
+def _ending(active: mlflow.ActiveRun) -> Iterator[mlflow.ActiveRun]:
+    """End the run FINISHED, or KILLED on Ctrl-C, or FAILED on any other error."""
+    with active as run:
+        try:
+            yield run
+        except KeyboardInterrupt:
+            mlflow.end_run(status="KILLED")
+            raise
 
 
 @contextmanager
@@ -79,7 +91,7 @@ def resume_run(run_file: Path) -> Iterator[mlflow.ActiveRun]:
         active = mlflow.start_run(run_id=info["run_id"])
     except mlflow.exceptions.MlflowException as e:
         raise PipelineError(f"cannot reopen MLflow run {info['run_id']} at {mlflow.get_tracking_uri()}: {e}") from e
-    with active as run:
+    with _ending(active) as run:
         yield run
 
 
@@ -97,7 +109,10 @@ def save_run_file(path: Path, run: mlflow.ActiveRun) -> None:
 
 def log_dataset(images: torch.Tensor, labels: torch.Tensor, source: str, name: str) -> None:
     """Log the training data as an MLflow dataset input (digest, schema, source path)."""
-    dataset = mlflow.data.from_numpy(features=images.numpy(), targets=labels.numpy(), source=source, name=name)
+    with warnings.catch_warnings():
+        # MLflow registers its local-file source twice and warns that a path is ambiguous.
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        dataset = mlflow.data.from_numpy(features=images.numpy(), targets=labels.numpy(), source=source, name=name)
     mlflow.log_input(dataset, context="training")
 
 

@@ -47,7 +47,7 @@ def test_dvc_yaml_lists_the_sections_each_stage_reads() -> None:
     assert stages["download"]["params"] == ["download"]
     assert stages["preprocess"]["params"] == ["preprocess"]
     assert stages["train"]["params"] == ["model", "train", "mlflow"]
-    assert stages["evaluate"]["params"] == ["evaluate"]
+    assert stages["evaluate"]["params"] == ["model", "evaluate"]
 
 
 BAD = [

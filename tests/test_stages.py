@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 from pipeline import download, evaluate, preprocess, train
 from pipeline.data import load_split, save_split
 from pipeline.engine import train_one_epoch
-from pipeline.errors import DataError
+from pipeline.errors import DataError, ParamsError
 from pipeline.model import Net
 from pipeline.params import TrainConfig
 
@@ -27,7 +27,7 @@ def test_split_is_seeded_disjoint_and_complete() -> None:
     assert torch.equal(a_val, b_val) and len(a_val) == 10 and len(a_train) == 90
     assert sorted(torch.cat([a_train, a_val]).tolist()) == list(range(100))
     assert not torch.equal(preprocess.split(100, 10, seed=2)[1], a_val)
-    with pytest.raises(DataError, match="preprocess.val_size must be in"):
+    with pytest.raises(ParamsError, match="preprocess.val_size must be in"):
         preprocess.split(100, 100, seed=1)
 
 

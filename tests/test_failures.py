@@ -1,0 +1,173 @@
+"""Bad input and faults: clear errors, nothing half-written, interrupted training resumes."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from pipeline import download, evaluate, files, preprocess, train
+from pipeline.errors import DataError, PipelineError, run_stage
+from pipeline.mnist import idx_bytes
+
+from .conftest import REPO, synthetic_digits
+
+
+def run_main(module, monkeypatch, *argv: str) -> None:
+    monkeypatch.setattr("sys.argv", [module.__name__, *argv])
+    module.main()
+
+
+def set_params(workdir: Path, section: str, **values) -> None:
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params[section].update(values)
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture
+def processed(workdir, monkeypatch) -> Path:
+    run_main(download, monkeypatch, "--out", "data/raw")
+    run_main(preprocess, monkeypatch, "--raw", "data/raw", "--out", "data/processed")
+    return workdir
+
+
+images, labels = synthetic_digits(10, seed=0)
+RAW_CASES = {
+    "truncated images": ("train-images-idx3-ubyte", idx_bytes(images)[:-100], "header says 10 images"),
+    "labels where images expected": ("train-images-idx3-ubyte", idx_bytes(labels), "magic number 2049 (a labels file)"),
+    "not IDX at all": ("t10k-labels-idx1-ubyte", b"<html>not found</html>", "magic number"),
+    "too short for a header": ("t10k-labels-idx1-ubyte", b"\x00\x00", "truncated"),
+    "counts differ": ("train-labels-idx1-ubyte", idx_bytes(labels[:7]), "has 600 images but"),
+    "wrong image size": ("t10k-images-idx3-ubyte", idx_bytes(images[:, :20, :20]), "20x20, expected 28x28"),
+}
+
+
+@pytest.mark.parametrize("case", RAW_CASES)
+def test_bad_raw_file_is_named_and_nothing_written(workdir, monkeypatch, case) -> None:
+    run_main(download, monkeypatch, "--out", "data/raw")
+    name, data, message = RAW_CASES[case]
+    (workdir / "data/raw" / name).write_bytes(data)
+    with pytest.raises(DataError, match=re.escape(message)) as err:
+        run_main(preprocess, monkeypatch, "--raw", "data/raw", "--out", "data/processed")
+    assert name in str(err.value)
+    assert not (workdir / "data/processed").exists()
+
+
+def test_processed_file_of_wrong_shape_is_refused(processed, monkeypatch) -> None:
+    torch.save(
+        {"images": torch.zeros(5, 32, 32, dtype=torch.uint8), "labels": torch.zeros(5, dtype=torch.long)},
+        processed / "data/processed/val.pt",
+    )
+    with pytest.raises(DataError, match=r"val.pt: images must be uint8 \(N, 28, 28\), got torch.uint8 \(5, 32, 32\)"):
+        run_main(train, monkeypatch, "--data", "data/processed", "--out", "models")
+    assert not (processed / "models").exists()
+
+
+def test_model_from_other_config_is_refused_by_evaluate(processed, monkeypatch) -> None:
+    run_main(train, monkeypatch, "--data", "data/processed", "--out", "models")
+    set_params(processed, "model", nf=16)
+    with pytest.raises(DataError, match="model.nf=8 in the file but 16 in params.yaml"):
+        run_main(evaluate, monkeypatch, "--data", "data/processed", "--models", "models", "--out", "reports")
+    assert not (processed / "reports").exists()
+
+
+def test_nan_loss_stops_training_names_epoch_and_batch_and_fails_the_run(processed, monkeypatch) -> None:
+    set_params(processed, "train", lr=1e30)
+    with pytest.raises(train.TrainingDiverged, match=r"NaN or infinite at epoch 1, batch \d+"):
+        run_main(train, monkeypatch, "--data", "data/processed", "--out", "models", "--checkpoint", "ckpt.pt")
+    assert not (processed / "models/model.pt").exists()
+    (run,) = MlflowClient().search_runs(MlflowClient().get_experiment_by_name("tests").experiment_id)
+    assert run.info.status == "FAILED"
+
+
+def test_ctrl_c_marks_run_killed_and_keeps_checkpoint(processed, monkeypatch) -> None:
+    calls = []
+    real = train.train_one_epoch
+
+    def interrupted_in_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", interrupted_in_second_epoch)
+    monkeypatch.setattr("sys.argv", ["train", "--checkpoint", "ckpt.pt"])
+    with pytest.raises(SystemExit) as exit_:
+        run_stage(train.main)
+    assert exit_.value.code == 130
+    checkpoint = torch.load(processed / "ckpt.pt", weights_only=True)
+    assert len(checkpoint["history"]) == 1
+    client = MlflowClient()
+    assert client.get_run(checkpoint["run_id"]).info.status == "KILLED"
+    assert not (processed / "models/model.pt").exists()
+
+
+def test_checkpoint_from_other_params_is_not_resumed(processed, monkeypatch, caplog) -> None:
+    set_params(processed, "train", epochs=1)
+    run_main(train, monkeypatch, "--out", "models", "--checkpoint", "ckpt.pt")
+    assert not (processed / "ckpt.pt").exists()  # removed once training completes
+    # Fake a stale checkpoint from another lr: it must be ignored, with the reason logged.
+    state = torch.load(processed / "models/model.pt", weights_only=True)
+    stale = {
+        "fingerprint": train.fingerprint(train.ModelConfig(8), train.TrainConfig(lr=0.5), "x"),
+        "history": state["history"],
+    }
+    torch.save(stale, processed / "ckpt.pt")
+    run_main(train, monkeypatch, "--out", "models2", "--checkpoint", "ckpt.pt")
+    assert "made with other settings" in caplog.text and "train.lr: 0.5 -> 0.002" in caplog.text
+    a = torch.load(processed / "models/model.pt", weights_only=True)["state_dict"]
+    b = torch.load(processed / "models2/model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_gives_identical_weights(processed, monkeypatch) -> None:
+    set_params(processed, "train", epochs=3, batch_size=4)
+    set_params(processed, "model", nf=32)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "pipeline.train", "--out", "killed", "--checkpoint", "ckpt.pt"]
+    proc = subprocess.Popen(cmd, cwd=processed, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600  # imports alone take seconds on a loaded machine
+    while not (processed / "ckpt.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)  # the first epoch's checkpoint just landed: we are mid-epoch 2
+    proc.wait()
+    assert (processed / "ckpt.pt").exists(), "no checkpoint was written before the kill"
+    assert not (processed / "killed/model.pt").exists(), "training finished before it could be killed"
+    assert len(torch.load(processed / "ckpt.pt", weights_only=True)["history"]) in (1, 2)
+
+    subprocess.run(cmd, cwd=processed, env=env, check=True, capture_output=True)  # resumes
+    uninterrupted = [*cmd[:4], "straight", "--checkpoint", "other.pt"]
+    subprocess.run(uninterrupted, cwd=processed, env=env, check=True, capture_output=True)
+    a = torch.load(processed / "killed/model.pt", weights_only=True)
+    b = torch.load(processed / "straight/model.pt", weights_only=True)
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert a["history"] == b["history"]
+
+
+def test_failing_write_keeps_previous_output_and_leaves_no_temp(tmp_path) -> None:
+    target = tmp_path / "metrics.json"
+    files.write_json(target, {"test_accuracy": 0.9})
+    with pytest.raises(OSError):
+        with files.atomic_path(target) as tmp:
+            tmp.write_text('{"test_acc')  # half written ...
+            raise OSError("disk full")  # ... then the write fails
+    assert json.loads(target.read_text()) == {"test_accuracy": 0.9}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_pipeline_errors_exit_nonzero_with_one_line(monkeypatch, capsys) -> None:
+    def bad() -> None:
+        raise PipelineError("train.lr must be a positive number, got -1")
+
+    with pytest.raises(SystemExit) as exit_:
+        run_stage(bad)
+    assert exit_.value.code == "error: train.lr must be a positive number, got -1"  # printed to stderr, status 1
