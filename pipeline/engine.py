@@ -16,6 +16,8 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
     desc: str = "train",
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    autocast: torch.dtype | None = None,
 ) -> dict[str, float]:
     """One pass over (images, labels) in a seeded random order.
 
@@ -30,14 +32,17 @@ def train_one_epoch(
     correct = torch.zeros((), dtype=torch.long, device=images.device)
     # Index of the first batch whose loss was not finite (-1: none), tracked on the device too.
     first_bad = torch.full((), -1, dtype=torch.long, device=images.device)
-    for batch, start in enumerate(tqdm(range(0, n, batch_size), desc=desc, unit="batch", leave=False), 1):
+    for batch, start in enumerate(tqdm(range(0, n, batch_size), desc=desc, unit="batch", leave=False, disable=None), 1):
         idx = order[start : start + batch_size]
         x, y = images[idx], labels[idx]  # (B, 1, 28, 28) uint8, (B,)
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
+        with torch.autocast(images.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         loss_sum += loss.detach() * len(idx)
         correct += (logits.argmax(1) == y).sum()
         first_bad = torch.where((first_bad < 0) & ~loss.detach().isfinite(), batch, first_bad)

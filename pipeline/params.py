@@ -16,6 +16,9 @@ from pipeline.errors import ParamsError
 
 PARAMS_FILE = Path("params.yaml")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+ARCHS = ("tutorial", "fast")
+PRECISIONS = ("auto", "fp32", "bf16")
+SCHEDULES = ("constant", "onecycle")
 OFFICIAL_MD5 = {
     "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
     "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
@@ -67,9 +70,11 @@ class PreprocessConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    arch: str = "tutorial"
     nf: int = 32
 
     def __post_init__(self) -> None:
+        _check(self.arch in ARCHS, "model.arch", f"one of {', '.join(ARCHS)}", self.arch)
         _check(self.nf >= 1, "model.nf", "an integer >= 1", self.nf)
 
 
@@ -81,9 +86,14 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
     seed: int = 42
     device: str = "auto"
+    precision: str = "auto"
+    channels_last: bool = True
+    schedule: str = "constant"
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", "an integer >= 1", self.epochs)
+        _check(self.precision in PRECISIONS, "train.precision", f"one of {', '.join(PRECISIONS)}", self.precision)
+        _check(self.schedule in SCHEDULES, "train.schedule", f"one of {', '.join(SCHEDULES)}", self.schedule)
         _check(self.batch_size >= 1, "train.batch_size", "an integer >= 1", self.batch_size)
         _check(self.lr > 0 and math.isfinite(self.lr), "train.lr", "a positive number", self.lr)
         ok = len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)

@@ -117,7 +117,7 @@ def test_checkpoint_from_other_params_is_not_resumed(processed, monkeypatch, cap
     # Fake a stale checkpoint from another lr: it must be ignored, with the reason logged.
     state = torch.load(processed / "models/model.pt", weights_only=True)
     stale = {
-        "fingerprint": train.fingerprint(train.ModelConfig(8), train.TrainConfig(lr=0.5), "x"),
+        "fingerprint": train.fingerprint(train.ModelConfig(nf=8), train.TrainConfig(lr=0.5), "x"),
         "history": state["history"],
     }
     torch.save(stale, processed / "ckpt.pt")

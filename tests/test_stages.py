@@ -114,7 +114,7 @@ def test_all_stages_in_process(workdir, monkeypatch) -> None:
     for name in ("per_class.csv", "predictions.csv", "confusion_matrix.png", "misclassified.png"):
         assert (workdir / "reports" / name).stat().st_size > 0
     checkpoint = torch.load(workdir / "models/model.pt", weights_only=True)
-    assert checkpoint["model"] == {"nf": 8} and checkpoint["train"]["epochs"] == 2
+    assert checkpoint["model"] == {"arch": "tutorial", "nf": 8} and checkpoint["train"]["epochs"] == 2
 
     run = MlflowClient().get_run(json.loads((workdir / "models/mlflow_run.json").read_text())["run_id"])
     assert run.data.params["train.lr"] == "0.002" and run.data.tags["device"] == "cpu"

@@ -1,0 +1,217 @@
+"""Training speed, measured in one run on one machine: ceiling, our loop, the tutorial's data path.
+
+    python -m bench.benchmark                 # step rates (a few minutes)
+    python -m bench.benchmark --recipes       # + time-to-accuracy of the fast recipes
+    python -m bench.benchmark --repro         # + wall time of each stage of a real `dvc repro`
+
+Prints a table and writes bench/results.json. Needs data/raw and data/processed (run
+`dvc repro preprocess` first). Not a test: numbers depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import resource
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from pipeline.data import load_split
+from pipeline.engine import evaluate, train_one_epoch
+from pipeline.model import build_model
+from pipeline.params import ModelConfig, TrainConfig, load_section
+from pipeline.runtime import autocast_dtype, cpu_has_native_bf16, make_deterministic, tune_malloc
+
+# The fast recipes of the README, as params overrides, and how many seeds each is averaged over.
+RECIPES = {
+    "fast recipe (tutorial net, onecycle)": (
+        {"arch": "tutorial", "nf": 32},
+        {"epochs": 3, "batch_size": 128, "lr": 3e-3, "betas": [0.9, 0.999], "schedule": "onecycle"},
+        1,
+    ),
+    "fast arch (model.arch=fast)": (
+        {"arch": "fast", "nf": 16},
+        {"epochs": 2, "batch_size": 256, "lr": 1e-2, "betas": [0.9, 0.999], "schedule": "onecycle"},
+        3,
+    ),
+}
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def step_rate(step: Callable[[int], None], steps: int, batch: int, warmup: int = 3) -> float:
+    """Images per second of `step` over `steps` calls, after `warmup` calls."""
+    for i in range(warmup):
+        step(i)
+    start = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    return steps * batch / (time.perf_counter() - start)
+
+
+def make_model(model_cfg: ModelConfig, channels_last: bool) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model(model_cfg)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def ceiling(model_cfg: ModelConfig, cfg: TrainConfig, steps: int, bf16: bool, channels_last: bool) -> float:
+    """Raw step rate on synthetic tensors already batched in memory: no indexing, no bookkeeping."""
+    model = make_model(model_cfg, channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+    x = torch.randint(0, 256, (cfg.batch_size, 1, 28, 28), dtype=torch.uint8)
+    y = torch.randint(0, 10, (cfg.batch_size,))
+
+    def step(_: int) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step_rate(step, steps, cfg.batch_size)
+
+
+def pipeline_loop(model_cfg: ModelConfig, cfg: TrainConfig, steps: int, data: Path) -> float:
+    """Our own train_one_epoch on the real processed data, limited to `steps` batches."""
+    images, labels = load_split(data / "train.pt")
+    n = steps * cfg.batch_size
+    images, labels = images[:n], labels[:n]
+    model = make_model(model_cfg, cfg.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+    gen = torch.Generator().manual_seed(0)
+    autocast = autocast_dtype(cfg.precision, torch.device("cpu"))
+    train_one_epoch(model, images[: 3 * cfg.batch_size], labels[: 3 * cfg.batch_size], cfg.batch_size, opt, gen)
+    start = time.perf_counter()
+    train_one_epoch(model, images, labels, cfg.batch_size, opt, gen, autocast=autocast)
+    return n / (time.perf_counter() - start)
+
+
+def tutorial_path(model_cfg: ModelConfig, cfg: TrainConfig, steps: int, raw: Path) -> float:
+    """The tutorial's way: torchvision MNIST, per-image ToTensor+Normalize, DataLoader, batch 64, fp32."""
+    from torchvision import datasets, transforms
+
+    with tempfile.TemporaryDirectory() as root:
+        (Path(root) / "MNIST").mkdir()
+        (Path(root) / "MNIST" / "raw").symlink_to(raw.resolve())
+        preprocess = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
+        dataset = datasets.MNIST(root, train=True, download=False, transform=preprocess)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=True)
+        model = make_model(model_cfg, channels_last=False)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+        batches = iter(loader)
+
+        def step(_: int) -> None:
+            x, y = next(batches)
+            # The tutorial feeds normalised images; ours scales inside the model, so undo that.
+            loss = F.cross_entropy(model((x * 0.5 + 0.5) * 255), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        return step_rate(step, steps, 64)
+
+
+def recipe(model_over: dict, train_over: dict, seed: int, data: Path) -> dict[str, float]:
+    """Train a recipe on the real data; return training seconds and test accuracy."""
+    model_cfg = ModelConfig(**model_over)
+    cfg = TrainConfig(**{**train_over, "seed": seed, "device": "cpu", "precision": "auto"})
+    from pipeline.train import fit  # the stage's own loop (a benchmark, not a stage, may import it)
+
+    train, val, test = (load_split(data / f"{s}.pt") for s in ("train", "val", "test"))
+    make_deterministic(seed)
+    model = make_model(model_cfg, cfg.channels_last)
+    start = time.perf_counter()
+    fit(model, train, val, cfg)
+    seconds = time.perf_counter() - start
+    return {"train_seconds": seconds, "test_accuracy": evaluate(model, *test, batch_size=1000)["accuracy"]}
+
+
+def repro_times() -> dict[str, float]:
+    """Wall time of each stage of a real, forced `dvc repro`, then of a no-op `dvc repro`."""
+    times = {}
+    for stage in ("download", "preprocess", "train", "evaluate"):
+        start = time.perf_counter()
+        subprocess.run(["dvc", "repro", "--force", "--single-item", stage], check=True, capture_output=True)
+        times[stage] = time.perf_counter() - start
+    times["total"] = sum(times.values())
+    start = time.perf_counter()
+    out = subprocess.run(["dvc", "repro"], check=True, capture_output=True, text=True).stdout
+    times["no-op"] = time.perf_counter() - start
+    assert "up to date" in out, out
+    times["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=100, help="timed training steps per measurement")
+    parser.add_argument("--data", type=Path, default=Path("data/processed"))
+    parser.add_argument("--raw", type=Path, default=Path("data/raw"))
+    parser.add_argument("--recipes", action="store_true", help="also time the fast recipes to accuracy")
+    parser.add_argument("--repro", action="store_true", help="also time a real, forced `dvc repro`")
+    parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
+    args = parser.parse_args()
+    tune_malloc()
+    model_cfg, cfg = load_section("model", ModelConfig), load_section("train", TrainConfig)
+    rates: dict[str, float] = {}
+    for bf16 in (False, True):
+        for channels_last in (False, True):
+            name = f"ceiling {'bf16' if bf16 else 'fp32'} {'channels_last' if channels_last else 'contiguous'}"
+            rates[name] = ceiling(model_cfg, cfg, args.steps, bf16, channels_last)
+            print(f"{name:45s} {rates[name]:9.0f} img/s", flush=True)
+    bf16 = autocast_dtype(cfg.precision, torch.device("cpu")) is not None
+    same = f"ceiling {'bf16' if bf16 else 'fp32'} {'channels_last' if cfg.channels_last else 'contiguous'}"
+    rates["pipeline loop"] = pipeline_loop(model_cfg, cfg, args.steps, args.data)
+    rates["tutorial data path"] = tutorial_path(model_cfg, cfg, args.steps, args.raw)
+    results: dict[str, Any] = {
+        "date": date.today().isoformat(),
+        "cpu": cpu_model(),
+        "threads": torch.get_num_threads(),
+        "native_bf16": cpu_has_native_bf16(),
+        "torch": torch.__version__,
+        "config": {"model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(cfg)},
+        "img_per_s": rates,
+        "ratios": {
+            f"pipeline loop / {same}": rates["pipeline loop"] / rates[same],
+            "pipeline loop / tutorial data path": rates["pipeline loop"] / rates["tutorial data path"],
+        },
+    }
+    if args.recipes:
+        results["recipes"] = {}
+        for name, (model_over, train_over, seeds) in RECIPES.items():
+            runs = [recipe(model_over, train_over, seed, args.data) for seed in range(seeds)]
+            results["recipes"][name] = {
+                "train_seconds_mean": sum(r["train_seconds"] for r in runs) / len(runs),
+                "test_accuracy_mean": sum(r["test_accuracy"] for r in runs) / len(runs),
+                "runs": runs,
+            }
+    if args.repro:
+        results["dvc_repro_seconds"] = repro_times()
+        # The tutorial's 10 epochs at the tutorial path's measured rate, for the whole-pipeline ratio.
+        tutorial_10_epochs = 10 * 60000 / rates["tutorial data path"]
+        results["ratios"]["tutorial 10 epochs (estimated) / whole dvc repro"] = (
+            tutorial_10_epochs / results["dvc_repro_seconds"]["total"]
+        )
+    print(json.dumps({k: v for k, v in results.items() if k != "config"}, indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
