@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -45,3 +47,11 @@ class Net(nn.Module):
 def build_model(cfg: ModelConfig) -> Net:
     """Build the network the model section describes."""
     return Net(cfg.nf)
+
+
+def load_checkpoint(path: Path) -> Net:
+    """Rebuild the network from a checkpoint {'state_dict', 'model': config} on the CPU, in eval mode."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    model = build_model(ModelConfig(**checkpoint["model"]))
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval()
