@@ -126,7 +126,7 @@ def predict_files(paths: list[Path], predictor: Predictor) -> list[dict]:
         probs = predictor(np.stack(images))  # (N, 10)
         for result, p in zip(done, probs, strict=True):
             digit = int(p.argmax())
-            result.update(digit=digit, probability=float(p[digit]), probabilities=[round(float(v), 6) for v in p])
+            result.update(digit=digit, probability=float(p[digit]), probabilities=p.tolist())
     return results
 
 
