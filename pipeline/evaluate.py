@@ -16,7 +16,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from pipeline import tracking  # noqa: E402
+from pipeline import registry, tracking  # noqa: E402
 from pipeline.data import NUM_CLASSES, load_split  # noqa: E402
 from pipeline.engine import predict  # noqa: E402
 from pipeline.errors import (
@@ -25,7 +25,7 @@ from pipeline.errors import (
 )
 from pipeline.files import atomic_path, write_json  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
-from pipeline.params import EvaluateConfig, ModelConfig, load_section  # noqa: E402
+from pipeline.params import EvaluateConfig, ModelConfig, RegisterConfig, load_section  # noqa: E402
 from pipeline.runtime import pick_device  # noqa: E402
 
 log = logging.getLogger("pipeline.evaluate")
@@ -120,11 +120,12 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     cfg = load_section("evaluate", EvaluateConfig)
     model_cfg = load_section("model", ModelConfig)
+    register_cfg = load_section("register", RegisterConfig)
     device = pick_device(cfg.device, "evaluate.device")
     images, labels = load_split(args.data / "test.pt")
     model = load_model(args.models / "model.pt", model_cfg, device)
 
-    with tracking.resume_run(args.models / "mlflow_run.json"):
+    with tracking.resume_run(args.models / "mlflow_run.json") as run:
         logits = predict(model, images.to(device), cfg.batch_size).cpu()
         predicted = logits.argmax(1)
         metrics = {
@@ -145,10 +146,11 @@ def main() -> None:
         plot_misclassified(images, labels, predicted, args.out / "misclassified.png")
         write_json(args.out / "metrics.json", metrics)
 
-        mlflow.log_params(tracking.flat_params(evaluate=cfg))
+        mlflow.log_params(tracking.flat_params(evaluate=cfg, register=register_cfg))
         mlflow.log_metrics(metrics)
         for name in ("metrics.json", "per_class.csv", "confusion_matrix.png", "misclassified.png"):
             mlflow.log_artifact(str(args.out / name), artifact_path="evaluation")
+        log.info(registry.register_if_good(run.info.run_id, metrics["test_accuracy"], register_cfg))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -71,3 +73,11 @@ class FastNet(nn.Module):
 def build_model(cfg: ModelConfig) -> nn.Module:
     """Build the network the model section describes."""
     return FastNet(cfg.nf) if cfg.arch == "fast" else Net(cfg.nf)
+
+
+def load_checkpoint(path: Path) -> Net:
+    """Rebuild the network from a checkpoint {'state_dict', 'model': config} on the CPU, in eval mode."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    model = build_model(ModelConfig(**checkpoint["model"]))
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval()

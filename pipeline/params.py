@@ -119,6 +119,17 @@ class MlflowConfig:
         _check(bool(self.experiment_name.strip()), "mlflow.experiment_name", "a non-empty string", "")
 
 
+@dataclass(frozen=True)
+class RegisterConfig:
+    name: str = "mnist-cnn"
+    min_accuracy: float = 0.98
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name.strip()), "register.name", "a non-empty string", self.name)
+        ok = 0 <= self.min_accuracy <= 1
+        _check(ok, "register.min_accuracy", "a test accuracy in [0, 1]", self.min_accuracy)
+
+
 T = TypeVar("T")
 
 

@@ -20,6 +20,8 @@ from mlflow.models import infer_signature
 
 from pipeline.errors import PipelineError
 from pipeline.files import write_json
+from pipeline.params import ModelConfig
+from pipeline.serving import log_classifier
 
 
 def flat_params(**sections: Any) -> dict[str, Any]:
@@ -116,8 +118,8 @@ def log_dataset(images: torch.Tensor, labels: torch.Tensor, source: str, name: s
     mlflow.log_input(dataset, context="training")
 
 
-def log_model(model: torch.nn.Module, example: torch.Tensor) -> None:
-    """Log the network with the pytorch flavor, a signature and an input example."""
+def log_model(model: torch.nn.Module, example: torch.Tensor, model_cfg: ModelConfig) -> None:
+    """Log the network as `model` (pytorch flavor, logits) and `classifier` (serving, digit + probabilities)."""
     cpu_model = model.to("cpu").eval()
     x = example.float().numpy()  # (B, 1, 28, 28) raw pixels, B >= 2
     with torch.no_grad():
@@ -133,6 +135,7 @@ def log_model(model: torch.nn.Module, example: torch.Tensor) -> None:
         signature=infer_signature(x, y),
         input_example=x,
     )
+    log_classifier(cpu_model, model_cfg, example=example[:, 0].numpy())  # uint8 (B, 28, 28)
 
 
 def metrics_for_mlflow(metrics: dict[str, float]) -> dict[str, float]:

@@ -188,7 +188,7 @@ def main() -> None:
         with atomic_path(args.out / "history.csv") as tmp:
             pd.DataFrame(history).to_csv(tmp, index=False)
         mlflow.log_artifact(str(args.out / "history.csv"))
-        tracking.log_model(model, example=val_x[:4])
+        tracking.log_model(model, example=val_x[:4], model_cfg=model_cfg)
         checkpoint = {
             "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
             "model": dataclasses.asdict(model_cfg),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -44,6 +45,7 @@ def tiny_params(source_dir: Path) -> dict:
     params["model"]["nf"] = 8
     params["evaluate"]["device"] = "cpu"
     params["mlflow"]["experiment_name"] = "tests"
+    params["register"]["min_accuracy"] = 0.5  # the synthetic task reaches it: evaluate registers
     return params
 
 
@@ -67,6 +69,48 @@ def workdir(tmp_path: Path, raw_dir: Path, monkeypatch: pytest.MonkeyPatch) -> P
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     return work
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """All four stages run once, in-process, on synthetic data: a work dir with models/, reports/
+    and mlflow.db (run, logged models, registered `mnist-cnn@champion`). Shared: do not modify."""
+    from pipeline import download, evaluate, preprocess, train
+
+    root = tmp_path_factory.mktemp("trained")
+    source, work = root / "source", root / "work"
+    source.mkdir()
+    work.mkdir()
+    for name, data in synthetic_files().items():
+        (source / name).write_bytes(data)
+    (work / "params.yaml").write_text(yaml.safe_dump(tiny_params(source), sort_keys=False))
+    stages = [
+        (download, ["--out", "data/raw"]),
+        (preprocess, ["--raw", "data/raw", "--out", "data/processed"]),
+        (train, ["--data", "data/processed", "--out", "models"]),
+        (evaluate, ["--data", "data/processed", "--models", "models", "--out", "reports"]),
+    ]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        for module, argv in stages:
+            mp.setattr("sys.argv", [module.__name__, *argv])
+            module.main()
+    return work
+
+
+@pytest.fixture
+def in_trained(trained: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The `trained` work dir as cwd, its MLflow store as the tracking URI."""
+    monkeypatch.chdir(trained)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{trained / 'mlflow.db'}")
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    return trained
+
+
+def run_id_of(work: Path) -> str:
+    return json.loads((work / "models/mlflow_run.json").read_text())["run_id"]
 
 
 def copy_repo(dest: Path) -> Path:

@@ -69,9 +69,11 @@ def test_second_repro_does_nothing_and_status_is_clean(repo) -> None:
     assert "up to date" in sh(repo, "dvc", "status")
 
 
-def test_mlflow_run_holds_the_whole_story(repo) -> None:
+def test_mlflow_run_holds_the_whole_story(repo, monkeypatch) -> None:
     info = json.loads((repo / "models/mlflow_run.json").read_text())
-    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    # The env var, not mlflow.set_tracking_uri: that global outlives the test and would win over
+    # the MLFLOW_TRACKING_URI that later tests set.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo / 'mlflow.db'}")
     client = MlflowClient()
     run = client.get_run(info["run_id"])
     assert run.info.status == "FINISHED"

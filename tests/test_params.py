@@ -15,6 +15,7 @@ SECTIONS = {
     "train": P.TrainConfig,
     "evaluate": P.EvaluateConfig,
     "mlflow": P.MlflowConfig,
+    "register": P.RegisterConfig,
 }
 
 
@@ -47,7 +48,7 @@ def test_dvc_yaml_lists_the_sections_each_stage_reads() -> None:
     assert stages["download"]["params"] == ["download"]
     assert stages["preprocess"]["params"] == ["preprocess"]
     assert stages["train"]["params"] == ["model", "train", "mlflow"]
-    assert stages["evaluate"]["params"] == ["model", "evaluate"]
+    assert stages["evaluate"]["params"] == ["model", "evaluate", "register"]
 
 
 BAD = [
@@ -74,6 +75,9 @@ BAD = [
     ("download", "timeout", 0, "download.timeout must be a positive number"),
     ("download", "checksums", {"a": "b"}, "download.checksums must be a mapping with exactly the keys"),
     ("mlflow", "experiment_name", " ", "mlflow.experiment_name must be a non-empty string"),
+    ("register", "name", "", "register.name must be a non-empty string"),
+    ("register", "min_accuracy", 1.5, "register.min_accuracy must be a test accuracy in [0, 1], got 1.5"),
+    ("register", "min_accuracy", "high", "register.min_accuracy must be a number"),
 ]
 
 

@@ -1,0 +1,153 @@
+"""Predict the digit in image files: python -m pipeline.predict IMAGE... [--model PATH_OR_URI] [--json]."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pipeline.data import IMAGE_SIZE
+from pipeline.errors import DataError, PipelineError, run_stage
+from pipeline.model import load_checkpoint
+
+log = logging.getLogger("pipeline.predict")
+
+BOX = 20  # MNIST scaled each digit's bounding box to fit 20x20, keeping its aspect ratio
+NOISE = 32  # ink below this (of 255, after contrast stretch) is paper texture or JPEG noise
+MIN_CONTRAST = 24  # darkest-to-brightest spread below this: no digit to see
+URI = re.compile(r"^[a-z][a-z0-9+.-]+:/")  # runs:/, models:/, file://, s3://, ...
+
+Predictor = Callable[[np.ndarray], np.ndarray]  # uint8 (N, 28, 28) -> probabilities (N, 10)
+
+
+class ImageError(Exception):
+    """One input file that cannot be used; reported for that file only."""
+
+
+def load_image(path: Path) -> np.ndarray:
+    """Decode an image file (PNG, JPEG; any size, grayscale, RGB or with alpha) to gray (H, W) in [0, 255]."""
+    try:
+        if path.stat().st_size == 0:
+            raise ImageError("empty file")
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)  # phone photos store their rotation in EXIF
+            if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+                # Transparent means background: lay the image on white (a drawing app's canvas).
+                im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
+            return np.asarray(im.convert("L"), dtype=np.float32)
+    except UnidentifiedImageError:
+        raise ImageError("not an image PIL can read (PNG or JPEG expected)") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(str(e)) from None
+    except (OSError, SyntaxError, ValueError) as e:  # missing, unreadable, truncated, corrupt
+        raise ImageError(f"cannot read it: {getattr(e, 'strerror', None) or e}") from None
+
+
+def to_mnist(gray: np.ndarray) -> np.ndarray:
+    """The MNIST look: white digit on black, bounding box fit in 20x20, centre of mass at the centre of 28x28."""
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    background = float(np.median(border))
+    if background > 127:  # a light background: black on white (scan, drawing); MNIST is the inverse
+        gray, background = 255 - gray, 255 - background
+    ink = np.clip(gray - background, 0, None)
+    if ink.max() < MIN_CONTRAST:
+        raise ImageError("no digit found: the image is (nearly) uniform")
+    ink = ink * (255 / ink.max())  # strongest stroke -> 255, background -> 0
+    ink[ink < NOISE] = 0
+    rows, cols = np.nonzero(ink)
+    ink = ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]  # the digit's bounding box
+    scale = BOX / max(ink.shape)
+    h, w = (max(1, round(n * scale)) for n in ink.shape)
+    # PIL's BILINEAR widens its filter when shrinking: anti-aliased like MNIST, no ringing.
+    digit = Image.fromarray(ink.astype(np.uint8)).resize((w, h), Image.Resampling.BILINEAR)
+    digit = np.asarray(digit, dtype=np.float32)  # (h, w), longest side 20
+    ys, xs = np.indices(digit.shape)
+    total = digit.sum()
+    cy, cx = (ys * digit).sum() / total, (xs * digit).sum() / total
+    # Shift the centre of mass to the centre, as far as the 28x28 frame lets the whole box move.
+    top = min(max(round(IMAGE_SIZE / 2 - cy), 0), IMAGE_SIZE - h)
+    left = min(max(round(IMAGE_SIZE / 2 - cx), 0), IMAGE_SIZE - w)
+    out = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+    out[top : top + h, left : left + w] = digit.round().clip(0, 255)
+    return out
+
+
+def load_predictor(spec: str) -> Predictor:
+    """A checkpoint path (models/model.pt) or an MLflow model URI, as images -> probabilities."""
+    if URI.match(spec):
+        import mlflow  # only here: it takes seconds to import
+
+        try:
+            model = mlflow.pyfunc.load_model(spec)
+        except mlflow.exceptions.MlflowException as e:
+            raise PipelineError(f"cannot load MLflow model {spec}: {e.message}") from e
+
+        def predict(images: np.ndarray) -> np.ndarray:
+            out = model.predict(images[:, None].astype(np.float32))  # both logged models take (N, 1, 28, 28)
+            if hasattr(out, "columns"):  # the `classifier` serving model: digit + prob_0..prob_9
+                return out[[f"prob_{k}" for k in range(10)]].to_numpy()
+            return torch.softmax(torch.as_tensor(np.asarray(out)), dim=1).numpy()  # `model`: logits
+
+        return predict
+    path = Path(spec)
+    if not path.is_file():
+        raise DataError(f"{path} not found; run `dvc repro` first, or pass --model with an MLflow model URI")
+    try:
+        net = load_checkpoint(path)
+    except Exception as e:
+        raise DataError(f"{path} is not a model checkpoint ({type(e).__name__}: {e})") from e
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return torch.softmax(net(torch.from_numpy(images[:, None])), dim=1).numpy()  # (N, 10)
+
+    return predict
+
+
+def predict_files(paths: list[Path], predictor: Predictor) -> list[dict]:
+    """One result per file, in order: {file, digit, probability, probabilities} or {file, error}."""
+    results: list[dict] = [{"file": str(p)} for p in paths]
+    images, done = [], []
+    for result, path in zip(results, paths, strict=True):
+        try:
+            images.append(to_mnist(load_image(path)))
+            done.append(result)
+        except ImageError as e:
+            result["error"] = str(e)
+    if images:
+        probs = predictor(np.stack(images))  # (N, 10)
+        for result, p in zip(done, probs, strict=True):
+            digit = int(p.argmax())
+            result.update(digit=digit, probability=float(p[digit]), probabilities=p.tolist())
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("images", nargs="+", type=Path, help="PNG or JPEG files")
+    parser.add_argument("--model", default="models/model.pt", help="checkpoint path or MLflow model URI")
+    parser.add_argument("--json", action="store_true", help="print one JSON list of results")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    results = predict_files(args.images, load_predictor(args.model))
+    for r in results:
+        if "error" in r:
+            print(f"error: {r['file']}: {r['error']}", file=sys.stderr)
+        elif not args.json:
+            print(f"{r['file']}: {r['digit']} ({r['probability']:.3f})")
+    if args.json:
+        print(json.dumps(results, indent=2))
+    if any("error" in r for r in results):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,103 @@
+"""The served model: an MLflow pyfunc that takes 28x28 images and answers digit + class probabilities."""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from pathlib import Path
+from typing import NoReturn
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types import ColSpec, Schema
+
+from pipeline.data import IMAGE_SIZE, NUM_CLASSES
+from pipeline.model import load_checkpoint
+from pipeline.params import ModelConfig
+
+ARTIFACT = "classifier"
+PIXELS = IMAGE_SIZE * IMAGE_SIZE  # 784 columns in a DataFrame row, row-major
+COLUMNS = ["digit", *(f"prob_{k}" for k in range(NUM_CLASSES))]
+SHAPES = "(N, 28, 28), (N, 1, 28, 28) or (N, 784)"
+
+
+def _bad(message: str) -> NoReturn:
+    # INVALID_PARAMETER_VALUE is what the scoring server turns into HTTP 400 with this message.
+    raise MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def to_batch(data) -> torch.Tensor:
+    """Check a batch of images and return it as float (N, 1, 28, 28) raw pixels in [0, 255]."""
+    if isinstance(data, pd.DataFrame):
+        if data.shape[1] != PIXELS:
+            _bad(f"a DataFrame needs {PIXELS} pixel columns (a 28x28 image row by row), got {data.shape[1]}")
+        data = data.to_numpy()
+    elif isinstance(data, list):
+        try:
+            data = np.asarray(data)
+        except ValueError as e:
+            _bad(f"images must be a regular array of numbers: {e}")
+    if not isinstance(data, np.ndarray):
+        _bad(f"expected a numpy array or a DataFrame of images, got {type(data).__name__}")
+    if data.dtype == bool or data.dtype.kind in "USV":
+        _bad(f"pixels must be numbers (uint8 0-255 or float on the same scale), got dtype {data.dtype}")
+    try:
+        x = data.astype(np.float32)
+    except (TypeError, ValueError):
+        _bad(f"pixels must be numbers (uint8 0-255 or float on the same scale), got dtype {data.dtype}")
+    if x.ndim == 2 and x.shape[1] == PIXELS or x.ndim == 3 and x.shape[1:] == (IMAGE_SIZE, IMAGE_SIZE):
+        x = x.reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE)
+    elif not (x.ndim == 4 and x.shape[1:] == (1, IMAGE_SIZE, IMAGE_SIZE)):
+        _bad(f"images must have shape {SHAPES}, got {x.shape}")
+    if len(x) == 0:
+        _bad("the batch is empty")
+    if not np.isfinite(x).all() or x.min() < 0 or x.max() > 255:
+        _bad(f"pixels must lie in [0, 255] (white digit on black, like MNIST), got [{x.min()}, {x.max()}]")
+    return torch.from_numpy(x)
+
+
+class DigitClassifier(mlflow.pyfunc.PythonModel):
+    """Images in, a DataFrame out: `digit` and `prob_0`..`prob_9` per image."""
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        self.net = load_checkpoint(Path(context.artifacts["checkpoint"]))
+
+    # No type hint on model_input on purpose: MLflow would derive a signature from it and stop
+    # parsing request JSON into arrays; to_batch checks the input instead.
+    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        x = to_batch(model_input)
+        with torch.no_grad():
+            probs = torch.softmax(self.net(x), dim=1).numpy()  # (N, 10)
+        table = pd.DataFrame(probs, columns=COLUMNS[1:])
+        table.insert(0, "digit", probs.argmax(1))
+        return table
+
+
+def log_classifier(model: torch.nn.Module, model_cfg: ModelConfig, example: np.ndarray) -> None:
+    """Log the serving model `classifier` of the active run: weights + this code, no pickle."""
+    # Models from code (serving_code.py) with a weights-only checkpoint and the pipeline package
+    # as code: loading runs our Net, so any batch size works, and neither the wrapper nor the
+    # weights need pickle deserialization (the reason `model` is logged as pt2).
+    # The signature names the outputs only: the inputs take several shapes and dtypes (see
+    # to_batch), which one MLflow tensor spec cannot express, so to_batch enforces them.
+    signature = ModelSignature(
+        inputs=None, outputs=Schema([ColSpec("long", "digit"), *(ColSpec("float", c) for c in COLUMNS[1:])])
+    )
+    here = Path(__file__).parent
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = Path(tmp) / "model.pt"
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        torch.save({"state_dict": state, "model": dataclasses.asdict(model_cfg)}, checkpoint)
+        mlflow.pyfunc.log_model(
+            name=ARTIFACT,
+            python_model=str(here / "serving_code.py"),
+            artifacts={"checkpoint": str(checkpoint)},
+            code_paths=[str(here)],
+            signature=signature,
+            input_example=example,
+        )
