@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -13,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
 import torch
 import yaml
 from mlflow.models import infer_signature
@@ -120,7 +120,8 @@ def log_dataset(images: torch.Tensor, labels: torch.Tensor, source: str, name: s
 
 def log_model(model: torch.nn.Module, example: torch.Tensor, model_cfg: ModelConfig) -> None:
     """Log the network as `model` (pytorch flavor, logits) and `classifier` (serving, digit + probabilities)."""
-    cpu_model = model.to("cpu").eval()
+    # A CPU copy in the default memory layout: training may run on CUDA and in channels_last.
+    cpu_model = copy.deepcopy(model).to(device="cpu", memory_format=torch.contiguous_format).eval()
     x = example.float().numpy()  # (B, 1, 28, 28) raw pixels, B >= 2
     with torch.no_grad():
         y = cpu_model(example.float()).numpy()
@@ -137,6 +138,3 @@ def log_model(model: torch.nn.Module, example: torch.Tensor, model_cfg: ModelCon
     )
     log_classifier(cpu_model, model_cfg, example=example[:, 0].numpy())  # uint8 (B, 28, 28)
 
-
-def metrics_for_mlflow(metrics: dict[str, float]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
