@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("models"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    tracking.check_tracking_server()  # a dead server fails now, before any work or output
     model_cfg = load_section("model", ModelConfig)
     cfg = load_section("train", TrainConfig)
     mlflow_cfg = load_section("mlflow", MlflowConfig)
