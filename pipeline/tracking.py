@@ -8,6 +8,7 @@ import os
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -189,7 +190,15 @@ def log_model(model: torch.nn.Module, example: torch.Tensor) -> None:
         serialization_format="pt2",
         signature=infer_signature(x, y),
         input_example=x,
+        pip_requirements=model_requirements(),
     )
+
+
+def model_requirements() -> list[str]:
+    """Exact pins to serve the pt2 model: torch and numpy (MLflow adds itself)."""
+    # Given, not inferred: inference loads the model in a subprocess (~25 s a run on 2 cores) and
+    # drags in whatever was imported (tqdm, pandas). "+cu130"-style local tags are not on PyPI.
+    return [f"torch=={version('torch').split('+')[0]}", f"numpy=={version('numpy')}"]
 
 
 def metrics_for_mlflow(metrics: dict[str, float]) -> dict[str, float]:
