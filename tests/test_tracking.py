@@ -9,7 +9,9 @@ import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
+import mlflow
 import pytest
+from mlflow import MlflowClient
 
 from pipeline import tracking
 from pipeline.errors import PipelineError
@@ -105,3 +107,19 @@ def test_train_with_a_dead_server_fails_fast_and_writes_nothing(workdir, monkeyp
     assert "Traceback" not in result.stderr
     assert not Path(workdir / "models").exists()
     assert seconds < 30, seconds  # mostly importing torch and mlflow; the probe itself is instant
+
+
+def test_under_mlflow_run_evaluate_logs_into_that_run_and_links_the_model_run(workdir, monkeypatch) -> None:
+    """`mlflow run -e evaluate` (or train restored from DVC's cache): one run in the UI, not two."""
+    mlflow.set_experiment("tests")
+    model_run = MlflowClient().create_run(mlflow.get_experiment_by_name("tests").experiment_id)
+    this_run = MlflowClient().create_run(model_run.info.experiment_id)
+    run_file = workdir / "mlflow_run.json"
+    run_file.write_text(f'{{"run_id": "{model_run.info.run_id}", "tracking_uri": "unused"}}')
+    monkeypatch.setenv("MLFLOW_RUN_ID", this_run.info.run_id)
+    with tracking.resume_run(run_file) as run:
+        mlflow.log_metric("test_accuracy", 0.5)
+    assert run.info.run_id == this_run.info.run_id
+    logged = MlflowClient().get_run(this_run.info.run_id).data
+    assert logged.metrics["test_accuracy"] == 0.5 and logged.tags["model_run_id"] == model_run.info.run_id
+    assert "test_accuracy" not in MlflowClient().get_run(model_run.info.run_id).data.metrics
