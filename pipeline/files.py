@@ -15,15 +15,17 @@ from typing import Any
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it to `path` only if the block succeeds."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are ordinary files
+    # The temporary file keeps the final name, inside a private folder: torch.save writes the
+    # file's name into its zip archive, so a random temporary name made every .pt file differ.
+    folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    tmp = folder / path.name
     try:
         yield tmp
+        os.chmod(tmp, 0o644)  # whatever the umask; outputs are ordinary files
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+        folder.rmdir()
 
 
 def write_bytes(path: Path, data: bytes) -> None:

@@ -12,6 +12,11 @@ import torch
 
 from pipeline.params import ParamsError
 
+# cuBLAS reads this once, when CUDA creates its first handle; setting it at import, before any
+# stage touches CUDA, is what makes matrix products deterministic on the GPU. ":4096:8" is the
+# value the PyTorch reproducibility notes give.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
 
 def pick_device(name: str, key: str) -> torch.device:
     """Resolve `auto` (CUDA, else MPS, else CPU) or check that an explicit device exists."""
@@ -33,7 +38,7 @@ def pick_device(name: str, key: str) -> torch.device:
 
 def make_deterministic(seed: int) -> None:
     """Seed every generator and ask for deterministic kernels (also on CUDA)."""
-    # cuBLAS reads this when CUDA initialises; harmless when it already has.
+    # Again here for callers that changed the env after import; too late only if CUDA ran already.
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     random.seed(seed)
     np.random.seed(seed)

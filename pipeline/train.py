@@ -147,6 +147,7 @@ def main() -> None:
     cfg = load_section("train", TrainConfig)
     mlflow_cfg = load_section("mlflow", MlflowConfig)
     device = pick_device(cfg.device, "train.device")
+    tracking.check_tracking_server()  # a dead server fails now, before any work or output
     train_x, train_y = load_split(args.data / "train.pt")
     val_x, val_y = load_split(args.data / "val.pt")
     data_md5 = hashlib.md5((args.data / "train.pt").read_bytes()).hexdigest()

@@ -67,6 +67,8 @@ def workdir(tmp_path: Path, raw_dir: Path, monkeypatch: pytest.MonkeyPatch) -> P
     (work / "params.yaml").write_text(yaml.safe_dump(tiny_params(raw_dir), sort_keys=False))
     monkeypatch.chdir(work)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
+    # A test that called mlflow.set_tracking_uri() would otherwise win over the env var.
+    monkeypatch.setattr("mlflow.tracking._tracking_service.utils._tracking_uri", None)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     return work
 

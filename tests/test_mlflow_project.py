@@ -1,0 +1,70 @@
+"""`mlflow run`: the MLproject matches params.yaml and dvc.yaml, and one `mlflow run` is one run."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from .conftest import REPO, copy_repo, synthetic_files, tiny_params
+
+MLPROJECT = yaml.safe_load((REPO / "MLproject").read_text())
+PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def test_main_defaults_are_the_params_yaml_values() -> None:
+    main = MLPROJECT["entry_points"]["main"]
+    defaults = {name: spec["default"] for name, spec in main["parameters"].items()}
+    assert defaults == {key: PARAMS["train"][key] for key in ("epochs", "batch_size", "lr", "seed", "device")}
+    for name in defaults:
+        assert f"-S train.{name}={{{name}}}" in main["command"]
+
+
+def test_each_stage_entry_point_runs_what_dvc_runs() -> None:
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for stage, spec in stages.items():
+        assert MLPROJECT["entry_points"][stage]["command"] == spec["cmd"]
+
+
+def test_python_env_installs_the_pinned_requirements() -> None:
+    env = yaml.safe_load((REPO / MLPROJECT["python_env"]).read_text())
+    assert env["dependencies"] == ["-r requirements.txt"]
+    assert str(env["python"]).startswith(f"{sys.version_info.major}.{sys.version_info.minor}")
+    assert all("==" in dep for dep in env["build_dependencies"])
+
+
+@pytest.mark.slow
+def test_mlflow_run_is_one_run_holding_train_and_test_metrics_and_the_model(tmp_path) -> None:
+    source = tmp_path / "source"
+    source.mkdir()
+    for name, data in synthetic_files().items():
+        (source / name).write_bytes(data)
+    repo = copy_repo(tmp_path / "repo")
+    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params(source), sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    env["MLFLOW_TRACKING_URI"] = uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
+        subprocess.run(cmd, cwd=repo, env=env, check=True)
+
+    cmd = ["mlflow", "run", str(repo), "--env-manager", "local", "--experiment-name", "tests"]
+    cmd += ["-P", "epochs=1", "-P", "batch_size=32", "-P", "lr=0.002", "-P", "device=cpu"]
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1, [r.info.run_name for r in runs]  # train and evaluate joined it
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["epochs"] == "1" and run.data.params["train.epochs"] == "1"
+    assert run.data.params["train.device"] == "cpu" and run.data.params["evaluate.device"] == "cpu"
+    assert {"train_loss", "val_accuracy", "test_accuracy", "test_macro_f1"} <= set(run.data.metrics)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1]
+    models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert [m.source_run_id for m in models] == [run.info.run_id]
+    assert "up to date" in subprocess.run(["dvc", "status"], cwd=repo, env=env, capture_output=True, text=True).stdout

@@ -1,0 +1,136 @@
+"""Determinism: same params, data and machine give the same bits; what a device change keeps."""
+
+import copy
+import hashlib
+import importlib
+import json
+import os
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from pipeline import download, preprocess, runtime, train
+
+from .test_stages import run_main
+
+
+@pytest.fixture
+def restore_determinism():
+    """make_deterministic() flips process-wide switches; put them back for the other tests."""
+    algorithms, benchmark = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    yield
+    torch.use_deterministic_algorithms(algorithms)
+    torch.backends.cudnn.benchmark = benchmark
+
+
+def test_make_deterministic_turns_every_switch(monkeypatch, restore_determinism) -> None:
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    torch.backends.cudnn.benchmark = True
+    runtime.make_deterministic(3)
+    assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    a = torch.rand(3)
+    runtime.make_deterministic(3)
+    assert torch.equal(a, torch.rand(3))
+
+
+def test_cublas_workspace_is_set_on_import_before_cuda_starts(monkeypatch) -> None:
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    importlib.reload(runtime)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert not torch.cuda.is_initialized()  # importing the stages starts no CUDA context
+
+
+def test_cuda_runs_are_tagged_with_versions_and_device_name(monkeypatch) -> None:
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91300)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H100 80GB HBM3")
+    tags = runtime.device_tags(torch.device("cuda"))
+    assert tags == {
+        "device": "cuda",
+        "torch_version": torch.__version__,
+        "cuda_version": "13.0",
+        "cudnn_version": "91300",
+        "device_name": "NVIDIA H100 80GB HBM3",
+    }
+    assert runtime.device_tags(torch.device("cpu")) == {"device": "cpu", "torch_version": torch.__version__}
+
+
+def md5(path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def processed(workdir, monkeypatch):
+    run_main(download, monkeypatch, "--out", "data/raw")
+    run_main(preprocess, monkeypatch, "--raw", "data/raw", "--out", "data/processed")
+    return workdir / "data/processed"
+
+
+@pytest.mark.slow
+def test_training_twice_gives_bit_identical_weights_and_metrics(processed, monkeypatch, restore_determinism) -> None:
+    for out in ("models_a", "models_b"):
+        run_main(train, monkeypatch, "--data", str(processed), "--out", out)
+    a, b = (torch.load(processed.parents[1] / out / "model.pt", weights_only=True) for out in ("models_a", "models_b"))
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert a["history"] == b["history"]  # floats compared exactly
+    assert pd.read_csv("models_a/history.csv").equals(pd.read_csv("models_b/history.csv"))
+    client = MlflowClient()
+    runs = [
+        json.loads((processed.parents[1] / out / "mlflow_run.json").read_text())["run_id"]
+        for out in ("models_a", "models_b")
+    ]
+    metrics = [client.get_run(r).data.metrics for r in runs]
+    assert runs[0] != runs[1] and {k: v for k, v in metrics[0].items() if k != "epoch_seconds"} == {
+        k: v for k, v in metrics[1].items() if k != "epoch_seconds"
+    }
+
+
+class StopTraining(Exception):
+    """Raised in place of fit(): the test needs everything train does before the first step."""
+
+
+def test_data_split_and_initial_weights_do_not_depend_on_the_device(
+    processed, workdir, monkeypatch, restore_determinism
+) -> None:
+    """CPU vs CUDA cannot be bit-identical after training; what comes before must be.
+
+    On a CPU-only machine "cuda" is played by the meta device: a model built on the device
+    instead of on the CPU before the move would have no values, and the comparison would fail.
+    """
+    initial: dict[str, dict[str, torch.Tensor]] = {}
+    real_build = train.build_model
+
+    def recording_build(cfg):
+        model = real_build(cfg)
+        initial[device] = copy.deepcopy(model.state_dict())
+        return model
+
+    def stop(*args, **kwargs):
+        raise StopTraining
+
+    monkeypatch.setattr(train, "build_model", recording_build)
+    monkeypatch.setattr(train, "fit", stop)
+    monkeypatch.setattr(train, "pick_device", lambda name, key: torch.device("meta" if name == "cuda" else name))
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    for device in ("cpu", "cuda"):
+        params["train"]["device"] = device
+        (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        with pytest.raises(StopTraining):
+            run_main(train, monkeypatch, "--data", str(processed), "--out", f"models_{device}")
+
+    cpu, cuda = initial["cpu"], initial["cuda"]
+    assert all(t.device.type == "cpu" for t in cuda.values())
+    assert all(torch.equal(cpu[k], cuda[k]) for k in cpu)
+    runs = MlflowClient().search_runs([r.experiment_id for r in MlflowClient().search_experiments()])
+    assert {r.data.tags["device"] for r in runs} == {"cpu", "meta"}
+    assert len({r.data.tags["data.train_md5"] for r in runs}) == 1  # the same bytes went in
+    # The split is the seeded CPU permutation, whatever trains on it.
+    assert torch.equal(torch.load(processed / "val.pt")["indices"], preprocess.split(600, 100, seed=42)[1])
+    first = {name: md5(processed / name) for name in ("train.pt", "val.pt", "test.pt")}
+    run_main(preprocess, monkeypatch, "--raw", "data/raw", "--out", "processed_again")
+    assert {name: md5(workdir / "processed_again" / name) for name in first} == first

@@ -1,0 +1,192 @@
+"""A team's tracking server for real: PostgreSQL backend, proxied artifacts, the pipeline logging to it."""
+
+import json
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import psycopg2
+import pytest
+from mlflow import MlflowClient
+
+from pipeline import download, preprocess
+
+from .conftest import REPO
+from .test_stages import run_main
+from .test_tracking import free_port
+
+pytestmark = pytest.mark.slow
+DB_USER = "mlflow"
+
+
+def postgres_bin() -> Path | None:
+    """Debian's server binaries (initdb, pg_ctl) live in /usr/lib/postgresql/<major>/bin."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+    return found[-1].parent if found else None
+
+
+def as_db_owner(root: Path) -> dict:
+    """subprocess arguments that run PostgreSQL as `postgres` when we are root: it refuses root."""
+    if os.geteuid() != 0:
+        return {}
+    owner = pwd.getpwnam("postgres")
+    for path in [root, *root.rglob("*")]:
+        os.chown(path, owner.pw_uid, owner.pw_gid)
+    return {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []}
+
+
+def check(cmd: list[str], **kwargs) -> None:
+    result = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    assert result.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{result.stdout}{result.stderr}"
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[tuple[int, str]]:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 with a password-protected `mlflow` database."""
+    bindir = postgres_bin()
+    if bindir is None:
+        message = "PostgreSQL not found in /usr/lib/postgresql/*/bin; `apt-get install postgresql` (.ci/run does)"
+        if os.environ.get("CI"):
+            pytest.fail(message)  # CI must run this test, never skip it
+        pytest.skip(message)
+    # Not under pytest's tmp_path: its parents are 0700 root, which the postgres user cannot enter.
+    root = Path(tempfile.mkdtemp(prefix="mlflow-pg-"))
+    password = secrets.token_hex(12)
+    (root / "pwfile").write_text(password + "\n")
+    user = as_db_owner(root)
+    env = {"PATH": os.environ["PATH"], "LC_ALL": "C"}
+    check(
+        [bindir / "initdb", "-D", root / "data", "-U", DB_USER, "--pwfile", root / "pwfile", "--no-locale"]
+        + ["-E", "UTF8", "--auth-local=trust", "--auth-host=scram-sha-256", "--no-sync"],
+        env=env,
+        **user,
+    )
+    port = free_port()
+    options = f"-h 127.0.0.1 -p {port} -k {root}"  # TCP on loopback only; the socket in our folder
+    pg_ctl = [bindir / "pg_ctl", "-D", root / "data"]
+    check([*pg_ctl, "-l", root / "server.log", "-o", options, "-w", "-t", "60", "start"], env=env, **user)
+    try:
+        with closing(
+            psycopg2.connect(host="127.0.0.1", port=port, user=DB_USER, password=password, dbname="postgres")
+        ) as c:
+            c.autocommit = True  # CREATE DATABASE refuses to run inside a transaction
+            c.cursor().execute("CREATE DATABASE mlflow")
+        yield port, password
+    finally:
+        subprocess.run([*pg_ctl, "-m", "fast", "-w", "stop"], env=env, capture_output=True, **user)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(postgres, tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    """`mlflow server` on PostgreSQL with proxied artifacts; yields its URI and artifact folder."""
+    pg_port, password = postgres
+    root = tmp_path_factory.mktemp("server")
+    artifacts = root / "artifacts"
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PGPASSWORD"] = password  # libpq reads it: the password is in no URI, no file
+    cmd = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        # The driver named: SQLAlchemy's default for plain postgresql:// is now psycopg 3.
+        f"postgresql+psycopg2://{DB_USER}@127.0.0.1:{pg_port}/mlflow",
+        "--artifacts-destination",
+        str(artifacts),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    uri = f"http://127.0.0.1:{port}"
+    with open(root / "server.log", "w") as log:
+        server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90  # creating the schema in PostgreSQL takes a while
+        while True:
+            if server.poll() is not None:
+                pytest.fail(f"mlflow server exited with {server.returncode}:\n{(root / 'server.log').read_text()}")
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, (root / "server.log").read_text()[-3000:]
+            time.sleep(0.5)
+        yield uri, artifacts
+    finally:
+        stop(server)
+
+
+def stop(server: subprocess.Popen) -> None:
+    """Stop the server and the workers in its process group."""
+    if server.poll() is not None:
+        return
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=5)  # uvicorn waits for idle keep-alive clients; no need
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+
+
+def test_pipeline_logs_run_history_artifacts_and_model_to_the_server(
+    workdir, monkeypatch, postgres, mlflow_server
+) -> None:
+    uri, artifacts = mlflow_server
+    run_main(download, monkeypatch, "--out", "data/raw")
+    run_main(preprocess, monkeypatch, "--raw", "data/raw", "--out", "data/processed")
+    # train and evaluate as DVC runs them: fresh processes that see only the env.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(MLFLOW_TRACKING_URI=uri, PYTHONPATH=str(REPO))
+    for argv in (
+        ["train", "--data", "data/processed", "--out", "models"],
+        ["evaluate", "--data", "data/processed", "--models", "models", "--out", "reports"],
+    ):
+        check([sys.executable, "-m", f"pipeline.{argv[0]}", *argv[1:]], cwd=workdir, env=env)
+
+    run_id = json.loads((workdir / "models/mlflow_run.json").read_text())["run_id"]
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["train.epochs"] == "2"
+    assert [m.step for m in client.get_metric_history(run_id, "val_accuracy")] == [1, 2]
+    metrics = json.loads((workdir / "reports/metrics.json").read_text())
+    assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+    # Proxied artifacts: the client speaks HTTP only; the server writes to --artifacts-destination.
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")
+    assert "history.csv" in {a.path for a in client.list_artifacts(run_id)}
+    assert "evaluation/metrics.json" in {a.path for a in client.list_artifacts(run_id, "evaluation")}
+    assert list(artifacts.rglob("history.csv")) and list(artifacts.rglob("confusion_matrix.png"))
+    models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert [m.source_run_id for m in models] == [run_id]
+
+    # The model comes back from the server and predicts.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setattr("mlflow.tracking._tracking_service.utils._tracking_uri", None)
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    assert model.predict(np.zeros((2, 1, 28, 28), dtype=np.float32)).shape == (2, 10)
+
+    # And the run really lives in PostgreSQL.
+    pg_port, password = postgres
+    with closing(
+        psycopg2.connect(host="127.0.0.1", port=pg_port, user=DB_USER, password=password, dbname="mlflow")
+    ) as c:
+        cursor = c.cursor()
+        cursor.execute("SELECT status FROM runs WHERE run_uuid = %s", (run_id,))
+        assert cursor.fetchall() == [("FINISHED",)]
