@@ -66,5 +66,6 @@ def test_mlflow_run_is_one_run_holding_train_and_test_metrics_and_the_model(tmp_
     assert {"train_loss", "val_accuracy", "test_accuracy", "test_macro_f1"} <= set(run.data.metrics)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1]
     models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
-    assert [m.source_run_id for m in models] == [run.info.run_id]
+    assert sorted(m.name for m in models) == ["classifier", "model"]
+    assert {m.source_run_id for m in models} == {run.info.run_id}
     assert "up to date" in subprocess.run(["dvc", "status"], cwd=repo, env=env, capture_output=True, text=True).stdout

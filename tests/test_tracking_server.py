@@ -174,7 +174,8 @@ def test_pipeline_logs_run_history_artifacts_and_model_to_the_server(
     assert "evaluation/metrics.json" in {a.path for a in client.list_artifacts(run_id, "evaluation")}
     assert list(artifacts.rglob("history.csv")) and list(artifacts.rglob("confusion_matrix.png"))
     models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
-    assert [m.source_run_id for m in models] == [run_id]
+    assert sorted(m.name for m in models) == ["classifier", "model"]
+    assert {m.source_run_id for m in models} == {run_id}
 
     # The model comes back from the server and predicts.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
