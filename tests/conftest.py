@@ -125,6 +125,9 @@ def copy_repo(dest: Path) -> Path:
         "reports",
         "mlflow.db",
         "mlartifacts",
+        "dvc.lock",  # the committed lock of the real data: the copy builds its own
+        "dvc_plots",
+        "bench",
         ".cache",
         "__pycache__",
         ".pytest_cache",
