@@ -3,56 +3,25 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 from pathlib import Path
 
-import matplotlib
+import mlflow
+import pandas as pd
+import torch
+from matplotlib.figure import Figure  # the object API: files only, no display backend needed
+from torch.nn import functional as F
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
-
-from pipeline import registry, tracking  # noqa: E402
-from pipeline.data import NUM_CLASSES, load_split  # noqa: E402
-from pipeline.engine import predict  # noqa: E402
-from pipeline.errors import (
-    DataError,  # noqa: E402
-    run_stage,
-)
-from pipeline.files import atomic_path, write_json  # noqa: E402
-from pipeline.model import build_model  # noqa: E402
-from pipeline.params import EvaluateConfig, ModelConfig, RegisterConfig, load_section  # noqa: E402
-from pipeline.runtime import pick_device  # noqa: E402
+from pipeline import registry, tracking
+from pipeline.data import NUM_CLASSES, load_split
+from pipeline.engine import predict
+from pipeline.errors import run_stage
+from pipeline.files import atomic_path, write_json
+from pipeline.model import load_checkpoint
+from pipeline.params import EvaluateConfig, ModelConfig, RegisterConfig, load_section
+from pipeline.runtime import pick_device
 
 log = logging.getLogger("pipeline.evaluate")
-
-
-def load_model(path: Path, expected: ModelConfig, device: torch.device) -> torch.nn.Module:
-    """Rebuild the network from the checkpoint, refusing one made with other model settings."""
-    if not path.is_file():
-        raise DataError(f"{path} not found; run the train stage first")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        saved = checkpoint["model"]
-    except Exception as e:
-        raise DataError(f"{path} is not a model checkpoint written by train ({type(e).__name__}: {e})") from e
-    if saved != dataclasses.asdict(expected):
-        diff = ", ".join(
-            f"model.{k}={saved.get(k)!r} in the file but {v!r} in params.yaml"
-            for k, v in dataclasses.asdict(expected).items()
-            if saved.get(k) != v
-        )
-        raise DataError(f"{path} was trained with other model settings ({diff}); re-run the train stage")
-    model = build_model(expected)
-    try:
-        model.load_state_dict(checkpoint["state_dict"])
-    except (KeyError, RuntimeError) as e:
-        raise DataError(f"{path}: weights do not fit the network of {expected} ({str(e)[:300]})") from e
-    return model.to(device).eval()
 
 
 def confusion(labels: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
@@ -79,7 +48,8 @@ def per_class(matrix: torch.Tensor) -> pd.DataFrame:
 
 
 def plot_confusion(matrix: torch.Tensor, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 6))
+    fig = Figure(figsize=(7, 6))
+    ax = fig.subplots()
     im = ax.imshow(matrix.numpy(), cmap="Blues")
     for (i, j), count in zip(
         torch.cartesian_prod(torch.arange(10), torch.arange(10)).tolist(), matrix.flatten().tolist(), strict=True
@@ -90,7 +60,6 @@ def plot_confusion(matrix: torch.Tensor, path: Path) -> None:
     fig.colorbar(im, ax=ax)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
 
 
 def plot_misclassified(
@@ -99,7 +68,8 @@ def plot_misclassified(
     wrong = (predicted != labels).nonzero().flatten()[:n]
     cols = 6
     rows = max(1, -(-len(wrong) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.4, rows * 1.6), squeeze=False)
+    fig = Figure(figsize=(cols * 1.4, rows * 1.6))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, wrong.tolist(), strict=False):
@@ -108,7 +78,6 @@ def plot_misclassified(
     fig.suptitle(f"{int((predicted != labels).sum())} misclassified test digits (first {len(wrong)})")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
 
 
 def main() -> None:
@@ -123,7 +92,7 @@ def main() -> None:
     register_cfg = load_section("register", RegisterConfig)
     device = pick_device(cfg.device, "evaluate.device")
     images, labels = load_split(args.data / "test.pt")
-    model = load_model(args.models / "model.pt", model_cfg, device)
+    model = load_checkpoint(args.models / "model.pt", expected=model_cfg).to(device)
 
     with tracking.resume_run(args.models / "mlflow_run.json") as run:
         logits = predict(model, images.to(device), cfg.batch_size).cpu()
