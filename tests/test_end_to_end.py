@@ -17,14 +17,14 @@ from .conftest import copy_repo, synthetic_files, tiny_params
 pytestmark = pytest.mark.slow
 
 
-def sh(repo: Path, *cmd: str) -> str:
+def sh(repo: Path, *cmd: str, ok: bool = True) -> str:
     """Run a command in the repo copy with the venv first on PATH; return its output, fail loudly."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
     result = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
     output = result.stdout + result.stderr
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{output[-3000:]}"
+    assert (result.returncode == 0) == ok, f"{' '.join(cmd)} exited {result.returncode}:\n{output[-3000:]}"
     return output
 
 
@@ -148,3 +148,20 @@ def test_dvc_remote_carries_results_to_a_fresh_clone(repo, tmp_path) -> None:
     out = sh(clone, "dvc", "repro")
     assert "Running stage" not in out and "up to date" in out
     assert "up to date" in sh(clone, "dvc", "status")
+
+
+def test_a_failing_stage_leaves_no_output_and_dvc_redoes_it(repo) -> None:
+    """Training that diverges: an error naming the epoch, no model, `dvc status` says train changed."""
+    original = (repo / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    params["train"]["lr"] = 1e30
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = sh(repo, "dvc", "repro", ok=False)
+    assert "error: loss became NaN or infinite at epoch 1" in out and "Traceback" not in out
+    assert not (repo / "models/model.pt").exists()  # DVC removed it; train wrote no new one
+    assert not list((repo / "models").glob(".*.tmp"))  # and no half-written file is left
+    status = sh(repo, "dvc", "status")
+    assert "train:" in status and "up to date" not in status
+    (repo / "params.yaml").write_text(original)
+    out = sh(repo, "dvc", "repro")
+    assert "Running stage 'train'" in out and (repo / "models/model.pt").is_file()
