@@ -134,3 +134,16 @@ def test_data_split_and_initial_weights_do_not_depend_on_the_device(
     first = {name: md5(processed / name) for name in ("train.pt", "val.pt", "test.pt")}
     run_main(preprocess, monkeypatch, "--raw", "data/raw", "--out", "processed_again")
     assert {name: md5(workdir / "processed_again" / name) for name in first} == first
+
+
+def test_a_device_that_is_not_there_is_a_params_error(monkeypatch) -> None:
+    from pipeline.errors import ParamsError
+    from pipeline.runtime import pick_device
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ParamsError, match=r"train.device is 'cuda' but this machine has 0 CUDA device\(s\)"):
+        pick_device("cuda", "train.device")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ParamsError, match="evaluate.device is 'mps' but MPS is not available"):
+        pick_device("mps", "evaluate.device")
+    assert pick_device("cpu", "train.device") == torch.device("cpu")
