@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -137,3 +140,28 @@ def copy_repo(dest: Path) -> Path:
     )
     shutil.copytree(REPO, dest, ignore=ignore)
     return dest
+
+
+def sh(repo: Path, *cmd: str, ok: bool = True, **env: str) -> str:
+    """Run a command in a repo copy with the venv first on PATH; return its output, fail loudly."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environ['PATH']}"
+    environ.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    result = subprocess.run(cmd, cwd=repo, env={**environ, **env}, capture_output=True, text=True)
+    output = result.stdout + result.stderr
+    assert (result.returncode == 0) == ok, f"{' '.join(cmd)} exited {result.returncode}:\n{output[-3000:]}"
+    return output
+
+
+def synthetic_repo(root: Path) -> Path:
+    """A git copy of the repo under `root` whose params read synthetic IDX files from root/source."""
+    source = root / "source"
+    source.mkdir()
+    for name, data in synthetic_files().items():
+        (source / name).write_bytes(data)
+    repo = copy_repo(root / "repo")
+    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params(source), sort_keys=False))
+    sh(repo, "git", "init", "-q")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "copy")
+    return repo

@@ -2,9 +2,6 @@
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -12,35 +9,16 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from .conftest import copy_repo, synthetic_files, tiny_params
+from .conftest import sh, synthetic_repo
 
 pytestmark = pytest.mark.slow
-
-
-def sh(repo: Path, *cmd: str, ok: bool = True) -> str:
-    """Run a command in the repo copy with the venv first on PATH; return its output, fail loudly."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
-    result = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
-    output = result.stdout + result.stderr
-    assert (result.returncode == 0) == ok, f"{' '.join(cmd)} exited {result.returncode}:\n{output[-3000:]}"
-    return output
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
     """A git+DVC copy of the repo whose params point at synthetic IDX files; `dvc repro` run once."""
     root = tmp_path_factory.mktemp("e2e")
-    source = root / "source"
-    source.mkdir()
-    for name, data in synthetic_files().items():
-        (source / name).write_bytes(data)
-    repo = copy_repo(root / "repo")
-    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params(source), sort_keys=False))
-    sh(repo, "git", "init", "-q")
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "copy")
+    repo = synthetic_repo(root)
     (root / "first-repro.log").write_text(sh(repo, "dvc", "repro"))
     return repo
 

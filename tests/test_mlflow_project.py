@@ -1,15 +1,12 @@
 """`mlflow run`: the MLproject matches params.yaml and dvc.yaml, and one `mlflow run` is one run."""
 
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 from mlflow import MlflowClient
 
-from .conftest import REPO, copy_repo, synthetic_files, tiny_params
+from .conftest import REPO, sh, synthetic_repo
 
 MLPROJECT = yaml.safe_load((REPO / "MLproject").read_text())
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -38,23 +35,11 @@ def test_python_env_installs_the_pinned_requirements() -> None:
 
 @pytest.mark.slow
 def test_mlflow_run_is_one_run_holding_train_and_test_metrics_and_the_model(tmp_path) -> None:
-    source = tmp_path / "source"
-    source.mkdir()
-    for name, data in synthetic_files().items():
-        (source / name).write_bytes(data)
-    repo = copy_repo(tmp_path / "repo")
-    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params(source), sort_keys=False))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
-    env["MLFLOW_TRACKING_URI"] = uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
-        subprocess.run(cmd, cwd=repo, env=env, check=True)
-
+    repo = synthetic_repo(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cmd = ["mlflow", "run", str(repo), "--env-manager", "local", "--experiment-name", "tests"]
     cmd += ["-P", "epochs=1", "-P", "batch_size=32", "-P", "lr=0.002", "-P", "device=cpu"]
-    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    sh(tmp_path, *cmd, MLFLOW_TRACKING_URI=uri)
 
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
@@ -68,4 +53,4 @@ def test_mlflow_run_is_one_run_holding_train_and_test_metrics_and_the_model(tmp_
     models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
     assert sorted(m.name for m in models) == ["classifier", "model"]
     assert {m.source_run_id for m in models} == {run.info.run_id}
-    assert "up to date" in subprocess.run(["dvc", "status"], cwd=repo, env=env, capture_output=True, text=True).stdout
+    assert "up to date" in sh(repo, "dvc", "status")
