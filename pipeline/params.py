@@ -103,7 +103,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    batch_size: int = 1000
+    batch_size: int = 256
     device: str = "auto"
 
     def __post_init__(self) -> None:

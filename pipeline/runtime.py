@@ -74,6 +74,14 @@ def tune_malloc() -> None:
     libc.mallopt(m_top_pad, 256 << 20)
 
 
+def release_memory() -> None:
+    """Hand the heap's free pages back to the OS (tune_malloc keeps them); call between phases."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is slow."""
     try:

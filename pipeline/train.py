@@ -17,12 +17,12 @@ import torch
 
 from pipeline import tracking
 from pipeline.data import load_split
-from pipeline.engine import evaluate, train_one_epoch
+from pipeline.engine import EVAL_BATCH_SIZE, evaluate, train_one_epoch
 from pipeline.errors import PipelineError, run_stage
 from pipeline.files import atomic_path
 from pipeline.model import build_model
 from pipeline.params import MlflowConfig, ModelConfig, TrainConfig, load_section
-from pipeline.runtime import autocast_dtype, device_tags, make_deterministic, pick_device, tune_malloc
+from pipeline.runtime import autocast_dtype, device_tags, make_deterministic, pick_device, release_memory, tune_malloc
 
 log = logging.getLogger("pipeline.train")
 Split = tuple[torch.Tensor, torch.Tensor]
@@ -68,7 +68,7 @@ def fit(
                 f"loss became NaN or infinite at epoch {epoch}, batch {tr['first_bad_batch']} "
                 f"(train.lr={cfg.lr}); no model written"
             )
-        va = evaluate(model, *val, batch_size=1000)
+        va = evaluate(model, *val, batch_size=EVAL_BATCH_SIZE)
         row = {
             "epoch": epoch,
             "train_loss": tr["loss"],
@@ -150,7 +150,8 @@ def main() -> None:
     tracking.check_tracking_server()  # a dead server fails now, before any work or output
     train_x, train_y = load_split(args.data / "train.pt")
     val_x, val_y = load_split(args.data / "val.pt")
-    data_md5 = hashlib.md5((args.data / "train.pt").read_bytes()).hexdigest()
+    with open(args.data / "train.pt", "rb") as f:
+        data_md5 = hashlib.file_digest(f, "md5").hexdigest()  # streamed: no second copy in memory
     expected = fingerprint(model_cfg, cfg, data_md5)
     resume = load_checkpoint(args.checkpoint, expected, cfg.epochs)
 
@@ -185,6 +186,8 @@ def main() -> None:
                 log.warning("interrupted: %s keeps the last complete epoch; run again to resume", args.checkpoint)
             raise
 
+        del train_split, train_x, train_y
+        release_memory()  # the training buffers, before torch.export needs its own (peak RSS)
         args.out.mkdir(parents=True, exist_ok=True)
         with atomic_path(args.out / "history.csv") as tmp:
             pd.DataFrame(history).to_csv(tmp, index=False)

@@ -57,7 +57,7 @@ def test_mlflow_run_holds_the_whole_story(repo, monkeypatch) -> None:
     run = client.get_run(info["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["train.epochs"] == "2" and run.data.params["model.nf"] == "8"
-    assert run.data.params["evaluate.batch_size"] == "1000"
+    assert run.data.params["evaluate.batch_size"] == "256"
     assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == 2
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
     metrics = json.loads((repo / "reports/metrics.json").read_text())
