@@ -70,4 +70,8 @@ def test_benchmark_runs_tiny(workdir, monkeypatch) -> None:
     results = json.loads((workdir / "bench.json").read_text())
     assert set(results["img_per_s"]) >= {"pipeline loop", "tutorial data path", "ceiling fp32 contiguous"}
     assert all(rate > 0 for rate in results["img_per_s"].values())
-    assert len(results["ratios"]) == 2
+    assert len(results["ratios"]) == 3
+    assert (
+        results["ratios"]["bound: fastest rate / tutorial data path"]
+        >= results["ratios"]["pipeline loop / tutorial data path"]
+    )
