@@ -67,8 +67,8 @@ def step_rate(step: Callable[[int], None], steps: int, batch: int, warmup: int =
     return steps * batch / (time.perf_counter() - start)
 
 
-def make_model(model_cfg: ModelConfig, channels_last: bool) -> torch.nn.Module:
-    torch.manual_seed(0)
+def make_model(model_cfg: ModelConfig, channels_last: bool, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)  # the initial weights, as the train stage draws them from train.seed
     model = build_model(model_cfg)
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
@@ -138,7 +138,7 @@ def recipe(model_over: dict, train_over: dict, seed: int, data: Path) -> dict[st
 
     train, val, test = (load_split(data / f"{s}.pt") for s in ("train", "val", "test"))
     make_deterministic(seed)
-    model = make_model(model_cfg, cfg.channels_last)
+    model = make_model(model_cfg, cfg.channels_last, seed)
     start = time.perf_counter()
     fit(model, train, val, cfg)
     seconds = time.perf_counter() - start
