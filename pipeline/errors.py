@@ -1,9 +1,11 @@
-"""Errors a user can fix, and how a stage reports them: one line on stderr, exit code 1."""
+"""Errors a user can fix, and how a stage reports them: one line on stderr, and the usual exit codes."""
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable
+from types import FrameType
 
 
 class PipelineError(Exception):
@@ -18,12 +20,29 @@ class DataError(PipelineError):
     """An input file that is missing, corrupt or not what was expected."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, timeout, a batch scheduler, a container stop): ends the stage as Ctrl-C does.
+
+    A KeyboardInterrupt, so that every handler of Ctrl-C (the MLflow run marked KILLED, the
+    checkpoint kept) handles it too.
+    """
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise Terminated
+
+
 def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage's main(); a PipelineError ends it with a clear message and exit code 1, Ctrl-C with 130."""
+    """Run a stage's main(); a PipelineError ends it with one line and exit code 1, Ctrl-C with
+    130 and SIGTERM with 143 (the shell's codes), after the stage's own cleanup."""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         main()
     except PipelineError as e:
         sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        print("interrupted: outputs of this stage were not written", file=sys.stderr)
-        sys.exit(130)  # the shell's code for SIGINT
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, Terminated)
+        # A stage adds what it kept as a note (train: its checkpoint); the default says what it did not write.
+        kept = "; ".join(getattr(e, "__notes__", [])) or "outputs of this stage were not written"
+        print(f"{'terminated (SIGTERM)' if terminated else 'interrupted'}: {kept}", file=sys.stderr)
+        sys.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))

@@ -94,7 +94,8 @@ def main() -> None:
     images, labels = load_split(args.data / "test.pt")
     model = load_checkpoint(args.models / "model.pt", expected=model_cfg).to(device)
 
-    with tracking.resume_run(args.models / "mlflow_run.json") as run:
+    info = tracking.read_run_file(args.models / "mlflow_run.json")
+    with tracking.resume_run(info):
         logits = predict(model, images.to(device), cfg.batch_size).cpu()
         predicted = logits.argmax(1)
         metrics = {
@@ -116,10 +117,12 @@ def main() -> None:
         write_json(args.out / "metrics.json", metrics)
 
         mlflow.log_params(tracking.flat_params(evaluate=cfg, register=register_cfg))
-        mlflow.log_metrics(metrics)
+        test_set = tracking.log_dataset(images, labels, str(args.data / "test.pt"), "mnist-test", "evaluation")
+        tracking.log_model_metrics(metrics, info["run_id"], test_set)
         for name in ("metrics.json", "per_class.csv", "confusion_matrix.png", "misclassified.png"):
             mlflow.log_artifact(str(args.out / name), artifact_path="evaluation")
-        log.info(registry.register_if_good(run.info.run_id, metrics["test_accuracy"], register_cfg))
+        with tracking.store_lock():  # parallel experiments: one registration and alias move at a time
+            log.info(registry.register_if_good(info["run_id"], metrics["test_accuracy"], register_cfg))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -114,9 +115,12 @@ class EvaluateConfig:
 @dataclass(frozen=True)
 class MlflowConfig:
     experiment_name: str = "mnist-cnn"
+    sweep: str | None = None
 
     def __post_init__(self) -> None:
         _check(bool(self.experiment_name.strip()), "mlflow.experiment_name", "a non-empty string", "")
+        ok = self.sweep is None or re.fullmatch(r"[\w.-]{1,100}", self.sweep) is not None
+        _check(ok, "mlflow.sweep", "null or a name of letters, digits, '.', '_' or '-'", self.sweep)
 
 
 @dataclass(frozen=True)

@@ -67,9 +67,9 @@ class DigitClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         self.net = load_checkpoint(Path(context.artifacts["checkpoint"]))
 
-    # No type hint on model_input on purpose: MLflow would derive a signature from it and stop
-    # parsing request JSON into arrays; to_batch checks the input instead.
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+    # np.ndarray is one of the hints MLflow derives no schema from: it hands the request's array (or
+    # the DataFrame of a `dataframe_split` request) through unchanged, and to_batch checks it.
+    def predict(self, context, model_input: np.ndarray, params=None) -> pd.DataFrame:
         x = to_batch(model_input)
         with torch.no_grad():
             probs = torch.softmax(self.net(x), dim=1).numpy()  # (N, 10)
@@ -78,7 +78,7 @@ class DigitClassifier(mlflow.pyfunc.PythonModel):
         return table
 
 
-def log_classifier(model: torch.nn.Module, model_cfg: ModelConfig, example: np.ndarray) -> None:
+def log_classifier(model: torch.nn.Module, model_cfg: ModelConfig, example: np.ndarray, step: int = 0) -> None:
     """Log the serving model `classifier` of the active run: weights + this code, no pickle."""
     # Models from code (serving_code.py) with a weights-only checkpoint and the pipeline package
     # as code: loading runs our Net, so any batch size works, and neither the wrapper nor the
@@ -100,4 +100,5 @@ def log_classifier(model: torch.nn.Module, model_cfg: ModelConfig, example: np.n
             code_paths=[str(here)],
             signature=signature,
             input_example=example,
+            step=step,
         )

@@ -5,8 +5,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import os
 import subprocess
+import time
+import uuid
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,13 +21,18 @@ from urllib.parse import urlparse
 import mlflow
 import torch
 import yaml
+from filelock import FileLock
+from mlflow import MlflowClient
+from mlflow.data.dataset import Dataset
+from mlflow.entities import ExperimentTag
+from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.utils.credentials import get_default_host_creds
 from mlflow.utils.rest_utils import http_request
 
 from pipeline.errors import PipelineError
 from pipeline.files import write_json
-from pipeline.params import ModelConfig
+from pipeline.params import MlflowConfig, ModelConfig
 from pipeline.serving import log_classifier
 
 
@@ -37,11 +45,15 @@ def flat_params(**sections: Any) -> dict[str, Any]:
     return out
 
 
-def git_commit() -> str | None:
-    """The current commit, with '-dirty' when the work tree differs from it."""
+def git_commit(ignore: tuple[str, ...] = ()) -> str | None:
+    """The current commit, with '-dirty' when tracked files other than `ignore` differ from it."""
+    # Ignore what DVC itself changes: params.yaml in an experiment (the run logs the params) and
+    # the stage's own outputs, which DVC removes before the stage runs.
+    exclude = [f":(exclude){path}" for path in ignore]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+        status = ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *exclude]
+        dirty = subprocess.run(status, capture_output=True, text=True)
         return commit + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return None
@@ -122,48 +134,162 @@ def check_tracking_server(uri: str | None = None, timeout: float = PROBE_TIMEOUT
         )
 
 
+STORE_FILE = "mlflow.db"  # MLflow's own default store, `sqlite:///mlflow.db`, kept at the repository root
+ARTIFACTS_DIR = "mlruns"  # and its artifacts, beside it
+DESCRIPTION = (
+    "MNIST CNN trained by the DVC pipeline (download -> preprocess -> train -> evaluate). One run per "
+    "`dvc repro` / `dvc exp run`, named after the DVC experiment; test metrics are linked to the logged "
+    "models. Runs of one sweep share the tag `sweep` and a parent run."
+)
+
+
+def repo_root() -> Path:
+    """The main repository's root: DVC_ROOT when DVC runs the stage, also inside the temporary
+    copies of queued and --temp experiments (.dvc/tmp/exps/...), else the working directory."""
+    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+
+
+def repo_store_uri() -> str:
+    return f"sqlite:///{repo_root() / STORE_FILE}"
+
+
+def connect(uri: str | None = None) -> str:
+    """Point MLflow at `uri`, else MLFLOW_TRACKING_URI, else the repository's own store; probe a
+    server. Return the URI."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or repo_store_uri()
+    mlflow.set_tracking_uri(uri)
+    check_tracking_server(uri)
+    return uri
+
+
 @contextmanager
-def start_run(experiment_name: str, run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
-    """Reopen `run_id`, join the run `mlflow run` made (MLFLOW_RUN_ID), or start one in the experiment."""
+def store_lock() -> Iterator[None]:
+    """Serialize what parallel stages (`dvc queue start -j N`) must not do at once: create the
+    SQLite store (its schema migrations) and create the experiment or a sweep's parent run."""
+    path = repo_root() / ".cache" / "mlflow.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(path, timeout=300):
+        yield
+
+
+def experiment_id(name: str) -> str:
+    """Id of the experiment `name`, created with a description if new."""
+    with store_lock():
+        if mlflow.get_tracking_uri() == repo_store_uri():
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore  # only this store needs it
+
+            # Create the store and the experiment as MLflow does when started at the repository
+            # root, artifacts in mlruns/<experiment id> there: its default is relative to the working
+            # directory, and DVC deletes the working directory of a queued experiment.
+            store = SqlAlchemyStore(repo_store_uri(), (repo_root() / ARTIFACTS_DIR).as_uri())
+            if store.get_experiment_by_name(name) is None:
+                store.create_experiment(name, tags=[ExperimentTag("mlflow.note.content", DESCRIPTION)])
+        client = MlflowClient()
+        if (experiment := client.get_experiment_by_name(name)) is not None:
+            return experiment.experiment_id
+        try:
+            return client.create_experiment(name, tags={"mlflow.note.content": DESCRIPTION})
+        except MlflowException as e:  # created meanwhile by a worker on another machine
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return client.get_experiment_by_name(name).experiment_id
+
+
+def sweep_parent(experiment: str, sweep: str) -> str:
+    """Id of the parent run that groups the runs of `sweep`, created (FINISHED) by the first of them."""
+    client = MlflowClient()
+    with store_lock():
+        query = f"tags.sweep = '{sweep}' AND tags.`sweep.role` = 'parent'"
+        found = client.search_runs([experiment], filter_string=query, max_results=1)
+        if found:
+            return found[0].info.run_id
+        note = f"Sweep `{sweep}`: its runs are nested under this one."
+        tags = {"sweep": sweep, "sweep.role": "parent", "mlflow.note.content": note}
+        parent = client.create_run(experiment, run_name=sweep, tags=tags)
+        client.set_terminated(parent.info.run_id, "FINISHED")
+        return parent.info.run_id
+
+
+def run_name(model_cfg: ModelConfig, cfg: Any) -> str:
+    """The DVC experiment's name when DVC runs one, else the settings that set runs apart and a
+    random suffix (from the OS: Python's `random` is seeded, so MLflow's own names repeat)."""
+    if name := os.environ.get("DVC_EXP_NAME"):
+        return name
+    return f"{model_cfg.arch}-nf{model_cfg.nf}-e{cfg.epochs}-b{cfg.batch_size}-lr{cfg.lr:g}-{uuid.uuid4().hex[:4]}"
+
+
+def dvc_tags() -> dict[str, str]:
+    """The DVC experiment that made the run: its name and the commit it started from."""
+    names = {"DVC_EXP_NAME": "dvc.exp_name", "DVC_EXP_BASELINE_REV": "dvc.baseline_rev"}
+    return {tag: os.environ[var] for var, tag in names.items() if os.environ.get(var)}
+
+
+# MLflow's own system metrics (CPU, memory, disk, network; GPUs through nvidia-ml-py), on for the
+# train stage unless the user turns them off with MLflow's own switch. Sampled every 2 s: with
+# MLflow's default of 10 s a short training logs none. Their cost is measured by bench/benchmark.py.
+SYSTEM_METRICS_ENV = {"MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "true", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "2"}
+
+
+@contextmanager
+def start_run(
+    cfg: MlflowConfig, name: str, run_id: str | None = None, system_metrics: bool = False
+) -> Iterator[mlflow.ActiveRun]:
+    """Reopen `run_id`, join the run `mlflow run` made (MLFLOW_RUN_ID), or start run `name` in the
+    experiment (under the sweep's parent run if cfg.sweep); tag it with its DVC experiment."""
+    if system_metrics:
+        for var, value in SYSTEM_METRICS_ENV.items():
+            os.environ.setdefault(var, value)
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop chatter
+    log_system_metrics = None if system_metrics else False  # None: MLflow reads its env var
     try:
         if run_id := run_id or os.environ.get("MLFLOW_RUN_ID"):
-            active = mlflow.start_run(run_id=run_id)
+            active = mlflow.start_run(run_id=run_id, log_system_metrics=log_system_metrics)
         else:
-            mlflow.set_experiment(experiment_name)
-            active = mlflow.start_run()
-    except mlflow.exceptions.MlflowException as e:
-        raise PipelineError(f"MLflow tracking at {mlflow.get_tracking_uri()} failed: {e}") from e
+            experiment = experiment_id(cfg.experiment_name)
+            parent = sweep_parent(experiment, cfg.sweep) if cfg.sweep else None
+            active = mlflow.start_run(
+                experiment_id=experiment, run_name=name, parent_run_id=parent, log_system_metrics=log_system_metrics
+            )
+        tags = dvc_tags() | ({"sweep": cfg.sweep} if cfg.sweep else {})
+        if tags.get("dvc.exp_name") and active.info.run_name != name:  # `mlflow run`'s run: use the DVC name
+            tags["mlflow.runName"] = name
+        mlflow.set_tags(tags)
+    except MlflowException as e:
+        raise PipelineError(f"MLflow tracking at {mlflow.get_tracking_uri()} failed: {e.message}") from e
     with _ending(active) as run:
         yield run
 
 
 @contextmanager
 def _ending(active: mlflow.ActiveRun) -> Iterator[mlflow.ActiveRun]:
-    """End the run FINISHED, or KILLED on Ctrl-C, or FAILED on any other error."""
+    """End the run FINISHED, or KILLED on Ctrl-C or SIGTERM, or FAILED on any other error."""
     with active as run:
         try:
             yield run
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # pipeline.errors.Terminated (SIGTERM) is one too
             mlflow.end_run(status="KILLED")
             raise
 
 
+def read_run_file(path: Path) -> dict[str, Any]:
+    """What train recorded of its run (see save_run_file)."""
+    if not path.is_file():
+        raise PipelineError(f"{path} not found; run the train stage first")
+    return json.loads(path.read_text())
+
+
 @contextmanager
-def resume_run(run_file: Path) -> Iterator[mlflow.ActiveRun]:
-    """Reopen the run that train recorded in `run_file`, or the one `mlflow run` made."""
-    if not run_file.is_file():
-        raise PipelineError(f"{run_file} not found; run the train stage first")
-    info = json.loads(run_file.read_text())
-    if "MLFLOW_TRACKING_URI" not in os.environ:
-        mlflow.set_tracking_uri(info["tracking_uri"])
-    check_tracking_server()
+def resume_run(info: dict[str, Any]) -> Iterator[mlflow.ActiveRun]:
+    """Reopen the run that train recorded (`info`, from read_run_file), or the one `mlflow run` made."""
+    # No URI in the file: train used the repository's own store (see save_run_file).
+    connect(None if "MLFLOW_TRACKING_URI" in os.environ else info.get("tracking_uri"))
     # Under `mlflow run` its run is the one the user looks at: log there even when the model
     # came from an earlier run (evaluate alone, or train restored from DVC's cache), and link it.
     run_id = os.environ.get("MLFLOW_RUN_ID") or info["run_id"]
     try:
         active = mlflow.start_run(run_id=run_id)
-    except mlflow.exceptions.MlflowException as e:
-        raise PipelineError(f"cannot reopen MLflow run {run_id} at {mlflow.get_tracking_uri()}: {e}") from e
+    except MlflowException as e:
+        raise PipelineError(f"cannot reopen MLflow run {run_id} at {mlflow.get_tracking_uri()}: {e.message}") from e
     with _ending(active) as run:
         if run_id != info["run_id"]:
             mlflow.set_tag("model_run_id", info["run_id"])
@@ -171,28 +297,52 @@ def resume_run(run_file: Path) -> Iterator[mlflow.ActiveRun]:
 
 
 def save_run_file(path: Path, run: mlflow.ActiveRun) -> None:
-    """Record the run id and tracking URI for the evaluate stage."""
+    """Record the run for the evaluate stage and for `dvc exp show` (a DVC metrics file).
+
+    The repository's own store is recorded as no URI, not as its absolute path: DVC commits this
+    file with each experiment, and the path of a temporary copy or of another machine would be wrong
+    after `dvc exp apply`, `dvc exp branch` or a clone.
+    """
+    uri = mlflow.get_tracking_uri()
     write_json(
         path,
         {
             "run_id": run.info.run_id,
+            "run_name": run.info.run_name,
             "experiment_id": run.info.experiment_id,
-            "tracking_uri": mlflow.get_tracking_uri(),
+            "tracking_uri": None if uri == repo_store_uri() else uri,
         },
     )
 
 
-def log_dataset(images: torch.Tensor, labels: torch.Tensor, source: str, name: str) -> None:
-    """Log the training data as an MLflow dataset input (digest, schema, source path)."""
+def log_dataset(images: torch.Tensor, labels: torch.Tensor, source: str, name: str, context: str) -> Dataset:
+    """Log a split as an MLflow dataset input of the active run (digest, schema, source path)."""
     with warnings.catch_warnings():
         # MLflow registers its local-file source twice and warns that a path is ambiguous.
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
         dataset = mlflow.data.from_numpy(features=images.numpy(), targets=labels.numpy(), source=source, name=name)
-    mlflow.log_input(dataset, context="training")
+    mlflow.log_input(dataset, context=context)
+    return dataset
 
 
-def log_model(model: torch.nn.Module, example: torch.Tensor, model_cfg: ModelConfig) -> None:
-    """Log the network as `model` (pytorch flavor, logits) and `classifier` (serving, digit + probabilities)."""
+def log_model_metrics(metrics: dict[str, float], model_run_id: str, dataset: Dataset) -> None:
+    """Log `metrics` to the active run, linked to `dataset` and to each model that run `model_run_id`
+    logged, so that the Models tab shows them."""
+    run = mlflow.active_run()
+    models = MlflowClient().search_logged_models(
+        experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{model_run_id}'"
+    )
+    if not models:
+        raise PipelineError(f"run {model_run_id} logged no model; rerun the train stage")
+    # One timestamp for all: the run's own metric table then holds each value once, not once per model.
+    timestamp = int(time.time() * 1000)
+    for model in models:
+        mlflow.log_metrics(metrics, timestamp=timestamp, model_id=model.model_id, dataset=dataset)
+
+
+def log_model(model: torch.nn.Module, example: torch.Tensor, model_cfg: ModelConfig, step: int) -> None:
+    """Log the network as `model` (pytorch flavor, logits) and `classifier` (serving, digit + probabilities)
+    at `step`, the last epoch: MLflow links the run's metrics of that step to both (the Models tab)."""
     # A CPU copy in the default memory layout: training may run on CUDA and in channels_last.
     cpu_model = copy.deepcopy(model).to(device="cpu", memory_format=torch.contiguous_format).eval()
     x = example.float().numpy()  # (B, 1, 28, 28) raw pixels, B >= 2
@@ -209,8 +359,9 @@ def log_model(model: torch.nn.Module, example: torch.Tensor, model_cfg: ModelCon
         signature=infer_signature(x, y),
         input_example=x,
         pip_requirements=model_requirements(),
+        step=step,
     )
-    log_classifier(cpu_model, model_cfg, example=example[:, 0].numpy())  # uint8 (B, 28, 28)
+    log_classifier(cpu_model, model_cfg, example=example[:, 0].numpy(), step=step)  # uint8 (B, 28, 28)
 
 
 def model_requirements() -> list[str]:

@@ -147,7 +147,7 @@ def main() -> None:
     cfg = load_section("train", TrainConfig)
     mlflow_cfg = load_section("mlflow", MlflowConfig)
     device = pick_device(cfg.device, "train.device")
-    tracking.check_tracking_server()  # a dead server fails now, before any work or output
+    tracking.connect()  # the repository's store, or a server that fails now if dead, before any work
     train_x, train_y = load_split(args.data / "train.pt")
     val_x, val_y = load_split(args.data / "val.pt")
     with open(args.data / "train.pt", "rb") as f:
@@ -160,16 +160,17 @@ def main() -> None:
     if cfg.channels_last:  # NHWC convolutions: faster on CPUs and tensor cores
         model = model.to(memory_format=torch.channels_last)
     run_id = resume["run_id"] if resume else None
-    with tracking.start_run(mlflow_cfg.experiment_name, run_id=run_id) as run:
+    name = tracking.run_name(model_cfg, cfg)
+    with tracking.start_run(mlflow_cfg, name, run_id=run_id, system_metrics=True) as run:
         log.info("MLflow run %s at %s; device %s", run.info.run_id, mlflow.get_tracking_uri(), device)
         if resume is None:
             mlflow.log_params(tracking.flat_params(model=model_cfg, train=cfg))
-            tracking.log_dataset(train_x, train_y, source=str(args.data / "train.pt"), name="mnist-train")
+            tracking.log_dataset(train_x, train_y, str(args.data / "train.pt"), "mnist-train", "training")
         precision = "bf16" if autocast_dtype(cfg.precision, device) else "fp32"
         tags = {**device_tags(device), "precision": precision, "data.train_md5": data_md5}
         if dvc_hash := tracking.dvc_out_hash(args.data.as_posix()):
             tags["data.dvc_md5"] = dvc_hash
-        if commit := tracking.git_commit():
+        if commit := tracking.git_commit(ignore=("params.yaml", "dvc.lock", args.out.as_posix())):
             tags["git_commit"] = commit
         mlflow.set_tags(tags)
 
@@ -181,9 +182,9 @@ def main() -> None:
         train_split = (train_x.to(device), train_y.to(device))
         try:
             history = fit(model, train_split, (val_x.to(device), val_y.to(device)), cfg, resume, on_epoch)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: pipeline.errors.run_stage prints this note
             if args.checkpoint.is_file():
-                log.warning("interrupted: %s keeps the last complete epoch; run again to resume", args.checkpoint)
+                e.add_note(f"{args.checkpoint} keeps the last complete epoch; run again to resume")
             raise
 
         del train_split, train_x, train_y
@@ -192,7 +193,7 @@ def main() -> None:
         with atomic_path(args.out / "history.csv") as tmp:
             pd.DataFrame(history).to_csv(tmp, index=False)
         mlflow.log_artifact(str(args.out / "history.csv"))
-        tracking.log_model(model, example=val_x[:4], model_cfg=model_cfg)
+        tracking.log_model(model, example=val_x[:4], model_cfg=model_cfg, step=cfg.epochs)
         checkpoint = {
             "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
             "model": dataclasses.asdict(model_cfg),
