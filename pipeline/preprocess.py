@@ -7,11 +7,10 @@ import logging
 from pathlib import Path
 
 import torch
-from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from pipeline.data import NUM_CLASSES, save_split
 from pipeline.errors import DataError, ParamsError, run_stage
-from pipeline.mnist import check_idx
+from pipeline.mnist import read_idx
 from pipeline.params import PreprocessConfig, load_section
 
 log = logging.getLogger("pipeline.preprocess")
@@ -23,11 +22,10 @@ def read_pair(raw: Path, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
     for path in (images_file, labels_file):
         if not path.is_file():
             raise DataError(f"{path} not found; run the download stage first")
-    n_images, n_labels = check_idx(images_file, images=True), check_idx(labels_file, images=False)
-    if n_images != n_labels:
-        raise DataError(f"{images_file} has {n_images} images but {labels_file} has {n_labels} labels")
-    images = read_image_file(str(images_file))
-    labels = read_label_file(str(labels_file)).long()
+    images = torch.from_numpy(read_idx(images_file, images=True))
+    labels = torch.from_numpy(read_idx(labels_file, images=False)).long()
+    if len(images) != len(labels):
+        raise DataError(f"{images_file} has {len(images)} images but {labels_file} has {len(labels)} labels")
     if int(labels.max()) >= NUM_CLASSES:
         raise DataError(f"{labels_file}: labels must lie in [0, 9], found {int(labels.max())}")
     return images, labels

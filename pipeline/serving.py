@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
+from importlib.metadata import version
 from pathlib import Path
 from typing import NoReturn
 
@@ -78,6 +79,13 @@ class DigitClassifier(mlflow.pyfunc.PythonModel):
         return table
 
 
+def pins(*distributions: str) -> list[str]:
+    """Exact pins of installed distributions, for a logged model's requirements (MLflow adds itself)."""
+    # Given, not inferred: MLflow infers them by loading the model in a subprocess (4-25 s a run on
+    # 2 cores), which also drags in whatever was imported. "+cu130"-style local tags are not on PyPI.
+    return [f"{name}=={version(name).split('+')[0]}" for name in distributions]
+
+
 def log_classifier(model: torch.nn.Module, model_cfg: ModelConfig, example: np.ndarray, step: int = 0) -> None:
     """Log the serving model `classifier` of the active run: weights + this code, no pickle."""
     # Models from code (serving_code.py) with a weights-only checkpoint and the pipeline package
@@ -100,5 +108,6 @@ def log_classifier(model: torch.nn.Module, model_cfg: ModelConfig, example: np.n
             code_paths=[str(here)],
             signature=signature,
             input_example=example,
+            pip_requirements=pins("torch", "numpy", "pandas", "pyyaml"),  # what pipeline/ imports
             step=step,
         )

@@ -13,7 +13,6 @@ import uuid
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -33,7 +32,7 @@ from mlflow.utils.rest_utils import http_request
 from pipeline.errors import PipelineError
 from pipeline.files import write_json
 from pipeline.params import MlflowConfig, ModelConfig
-from pipeline.serving import log_classifier
+from pipeline.serving import log_classifier, pins
 
 
 def flat_params(**sections: Any) -> dict[str, Any]:
@@ -174,25 +173,26 @@ def store_lock() -> Iterator[None]:
 
 def experiment_id(name: str) -> str:
     """Id of the experiment `name`, created with a description if new."""
+    tags = {"mlflow.note.content": DESCRIPTION}
     with store_lock():
-        if mlflow.get_tracking_uri() == repo_store_uri():
+        in_repo = mlflow.get_tracking_uri() == repo_store_uri()
+        if not (in_repo and not (repo_root() / STORE_FILE).exists()):  # opening a new store would create it
+            if (experiment := MlflowClient().get_experiment_by_name(name)) is not None:
+                return experiment.experiment_id
+        if in_repo:
             from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore  # only this store needs it
 
             # Create the store and the experiment as MLflow does when started at the repository
             # root, artifacts in mlruns/<experiment id> there: its default is relative to the working
             # directory, and DVC deletes the working directory of a queued experiment.
             store = SqlAlchemyStore(repo_store_uri(), (repo_root() / ARTIFACTS_DIR).as_uri())
-            if store.get_experiment_by_name(name) is None:
-                store.create_experiment(name, tags=[ExperimentTag("mlflow.note.content", DESCRIPTION)])
-        client = MlflowClient()
-        if (experiment := client.get_experiment_by_name(name)) is not None:
-            return experiment.experiment_id
+            return store.create_experiment(name, tags=[ExperimentTag(k, v) for k, v in tags.items()])
         try:
-            return client.create_experiment(name, tags={"mlflow.note.content": DESCRIPTION})
+            return MlflowClient().create_experiment(name, tags=tags)
         except MlflowException as e:  # created meanwhile by a worker on another machine
             if e.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-            return client.get_experiment_by_name(name).experiment_id
+            return MlflowClient().get_experiment_by_name(name).experiment_id
 
 
 def sweep_parent(experiment: str, sweep: str) -> str:
@@ -224,10 +224,16 @@ def dvc_tags() -> dict[str, str]:
     return {tag: os.environ[var] for var, tag in names.items() if os.environ.get(var)}
 
 
-# MLflow's own system metrics (CPU, memory, disk, network; GPUs through nvidia-ml-py), on for the
-# train stage unless the user turns them off with MLflow's own switch. Sampled every 2 s: with
-# MLflow's default of 10 s a short training logs none. Their cost is measured by bench/benchmark.py.
-SYSTEM_METRICS_ENV = {"MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "true", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "2"}
+# MLflow's own system metrics (CPU, memory, disk, network; GPUs through nvidia-ml-py): on for the
+# train stage unless the user turns them off with MLflow's own switch, and sampled every 2 s unless
+# set (MLflow's default, 10 s, logs none for a short training). Their cost: bench/benchmark.py.
+SYSTEM_METRICS_INTERVAL = 2.0
+
+
+def system_metrics_wanted() -> bool:
+    """MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING if the user set it, else on."""
+    value = os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING")
+    return value is None or value.strip().lower() in ("true", "1")
 
 
 @contextmanager
@@ -236,19 +242,19 @@ def start_run(
 ) -> Iterator[mlflow.ActiveRun]:
     """Reopen `run_id`, join the run `mlflow run` made (MLFLOW_RUN_ID), or start run `name` in the
     experiment (under the sweep's parent run if cfg.sweep); tag it with its DVC experiment."""
+    system_metrics = system_metrics and system_metrics_wanted()
     if system_metrics:
-        for var, value in SYSTEM_METRICS_ENV.items():
-            os.environ.setdefault(var, value)
+        if "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL" not in os.environ:
+            mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL)
         logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop chatter
-    log_system_metrics = None if system_metrics else False  # None: MLflow reads its env var
     try:
         if run_id := run_id or os.environ.get("MLFLOW_RUN_ID"):
-            active = mlflow.start_run(run_id=run_id, log_system_metrics=log_system_metrics)
+            active = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
         else:
             experiment = experiment_id(cfg.experiment_name)
             parent = sweep_parent(experiment, cfg.sweep) if cfg.sweep else None
             active = mlflow.start_run(
-                experiment_id=experiment, run_name=name, parent_run_id=parent, log_system_metrics=log_system_metrics
+                experiment_id=experiment, run_name=name, parent_run_id=parent, log_system_metrics=system_metrics
             )
         tags = dvc_tags() | ({"sweep": cfg.sweep} if cfg.sweep else {})
         if tags.get("dvc.exp_name") and active.info.run_name != name:  # `mlflow run`'s run: use the DVC name
@@ -358,14 +364,7 @@ def log_model(model: torch.nn.Module, example: torch.Tensor, model_cfg: ModelCon
         serialization_format="pt2",
         signature=infer_signature(x, y),
         input_example=x,
-        pip_requirements=model_requirements(),
+        pip_requirements=pins("torch", "numpy"),
         step=step,
     )
     log_classifier(cpu_model, model_cfg, example=example[:, 0].numpy(), step=step)  # uint8 (B, 28, 28)
-
-
-def model_requirements() -> list[str]:
-    """Exact pins to serve the pt2 model: torch and numpy (MLflow adds itself)."""
-    # Given, not inferred: inference loads the model in a subprocess (~25 s a run on 2 cores) and
-    # drags in whatever was imported (tqdm, pandas). "+cu130"-style local tags are not on PyPI.
-    return [f"torch=={version('torch').split('+')[0]}", f"numpy=={version('numpy')}"]

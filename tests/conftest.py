@@ -98,6 +98,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
+        mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")  # a tiny training: sample it often
         mp.delenv("MLFLOW_RUN_ID", raising=False)
         for module, argv in stages:
             mp.setattr("sys.argv", [module.__name__, *argv])
@@ -165,3 +166,25 @@ def synthetic_repo(root: Path) -> Path:
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "copy")
     return repo
+
+
+def run_main(module, monkeypatch: pytest.MonkeyPatch, *argv: str) -> None:
+    """Run a stage's main() in-process with these command-line arguments."""
+    monkeypatch.setattr("sys.argv", [module.__name__, *argv])
+    module.main()
+
+
+def set_params(workdir: Path, section: str, **values) -> None:
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params[section].update(values)
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture
+def processed(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """`workdir` after the download and preprocess stages: data/processed holds the splits."""
+    from pipeline import download, preprocess
+
+    run_main(download, monkeypatch, "--out", "data/raw")
+    run_main(preprocess, monkeypatch, "--raw", "data/raw", "--out", "data/processed")
+    return workdir

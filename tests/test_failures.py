@@ -7,37 +7,16 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from mlflow import MlflowClient
 
 from pipeline import download, evaluate, files, preprocess, train
 from pipeline.errors import DataError, PipelineError, run_stage
 from pipeline.mnist import idx_bytes
 
-from .conftest import REPO, synthetic_digits
-
-
-def run_main(module, monkeypatch, *argv: str) -> None:
-    monkeypatch.setattr("sys.argv", [module.__name__, *argv])
-    module.main()
-
-
-def set_params(workdir: Path, section: str, **values) -> None:
-    params = yaml.safe_load((workdir / "params.yaml").read_text())
-    params[section].update(values)
-    (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-@pytest.fixture
-def processed(workdir, monkeypatch) -> Path:
-    run_main(download, monkeypatch, "--out", "data/raw")
-    run_main(preprocess, monkeypatch, "--raw", "data/raw", "--out", "data/processed")
-    return workdir
-
+from .conftest import REPO, run_main, set_params, synthetic_digits
 
 images, labels = synthetic_digits(10, seed=0)
 RAW_CASES = {

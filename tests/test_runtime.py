@@ -12,9 +12,9 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from pipeline import download, preprocess, runtime, train
+from pipeline import preprocess, runtime, train
 
-from .test_stages import run_main
+from .conftest import run_main
 
 
 @pytest.fixture
@@ -63,27 +63,17 @@ def md5(path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-@pytest.fixture
-def processed(workdir, monkeypatch):
-    run_main(download, monkeypatch, "--out", "data/raw")
-    run_main(preprocess, monkeypatch, "--raw", "data/raw", "--out", "data/processed")
-    return workdir / "data/processed"
-
-
 @pytest.mark.slow
 def test_training_twice_gives_bit_identical_weights_and_metrics(processed, monkeypatch, restore_determinism) -> None:
     for out in ("models_a", "models_b"):
-        run_main(train, monkeypatch, "--data", str(processed), "--out", out)
-    a, b = (torch.load(processed.parents[1] / out / "model.pt", weights_only=True) for out in ("models_a", "models_b"))
+        run_main(train, monkeypatch, "--data", "data/processed", "--out", out)
+    a, b = (torch.load(processed / out / "model.pt", weights_only=True) for out in ("models_a", "models_b"))
     assert a["state_dict"].keys() == b["state_dict"].keys()
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     assert a["history"] == b["history"]  # floats compared exactly
     assert pd.read_csv("models_a/history.csv").equals(pd.read_csv("models_b/history.csv"))
     client = MlflowClient()
-    runs = [
-        json.loads((processed.parents[1] / out / "mlflow_run.json").read_text())["run_id"]
-        for out in ("models_a", "models_b")
-    ]
+    runs = [json.loads((processed / out / "mlflow_run.json").read_text())["run_id"] for out in ("models_a", "models_b")]
     metrics = [client.get_run(r).data.metrics for r in runs]
     assert runs[0] != runs[1] and {k: v for k, v in metrics[0].items() if k != "epoch_seconds"} == {
         k: v for k, v in metrics[1].items() if k != "epoch_seconds"
@@ -121,7 +111,7 @@ def test_data_split_and_initial_weights_do_not_depend_on_the_device(
         params["train"]["device"] = device
         (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         with pytest.raises(StopTraining):
-            run_main(train, monkeypatch, "--data", str(processed), "--out", f"models_{device}")
+            run_main(train, monkeypatch, "--data", "data/processed", "--out", f"models_{device}")
 
     cpu, cuda = initial["cpu"], initial["cuda"]
     assert all(t.device.type == "cpu" for t in cuda.values())
@@ -130,8 +120,10 @@ def test_data_split_and_initial_weights_do_not_depend_on_the_device(
     assert {r.data.tags["device"] for r in runs} == {"cpu", "meta"}
     assert len({r.data.tags["data.train_md5"] for r in runs}) == 1  # the same bytes went in
     # The split is the seeded CPU permutation, whatever trains on it.
-    assert torch.equal(torch.load(processed / "val.pt")["indices"], preprocess.split(600, 100, seed=42)[1])
-    first = {name: md5(processed / name) for name in ("train.pt", "val.pt", "test.pt")}
+    assert torch.equal(
+        torch.load(processed / "data/processed/val.pt")["indices"], preprocess.split(600, 100, seed=42)[1]
+    )
+    first = {name: md5(processed / "data/processed" / name) for name in ("train.pt", "val.pt", "test.pt")}
     run_main(preprocess, monkeypatch, "--raw", "data/raw", "--out", "processed_again")
     assert {name: md5(workdir / "processed_again" / name) for name in first} == first
 

@@ -11,7 +11,8 @@ from pipeline import download, preprocess, runtime, train
 from pipeline.model import FastNet, build_model
 from pipeline.params import ModelConfig, TrainConfig
 
-from .test_stages import run_main, tiny_data
+from .conftest import run_main
+from .test_stages import tiny_data
 
 
 def test_fast_arch_contract_matches_the_tutorial_net() -> None:

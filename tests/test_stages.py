@@ -15,10 +15,7 @@ from pipeline.errors import DataError, ParamsError
 from pipeline.model import Net
 from pipeline.params import TrainConfig
 
-
-def run_main(module, monkeypatch, *argv: str) -> None:
-    monkeypatch.setattr("sys.argv", [module.__name__, *argv])
-    module.main()
+from .conftest import run_main
 
 
 def test_split_is_seeded_disjoint_and_complete() -> None:

@@ -23,8 +23,7 @@ from mlflow import MlflowClient
 
 from pipeline import download, preprocess
 
-from .conftest import REPO
-from .test_stages import run_main
+from .conftest import REPO, run_main
 from .test_tracking import free_port
 
 pytestmark = pytest.mark.slow

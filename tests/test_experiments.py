@@ -1,0 +1,207 @@
+"""Many experiments: each one MLflow run in the repository's own store, well named, grouped by sweep."""
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from pipeline import tracking
+from pipeline.params import MlflowConfig, ModelConfig, TrainConfig
+
+from .conftest import REPO, set_params
+
+
+@pytest.fixture
+def dvc_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """(repo root, working dir) as DVC sets them for a queued experiment: DVC_ROOT names the main
+    repository, the stage runs in a temporary copy; no tracking URI is set."""
+    root, copy = tmp_path / "repo", tmp_path / "repo/.dvc/tmp/exps/tmpcopy"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("DVC_ROOT", str(root))
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr("mlflow.tracking._tracking_service.utils._tracking_uri", None)
+    return root, copy
+
+
+def test_runs_land_in_the_repository_store_not_in_the_temporary_copy(dvc_copy, tmp_path) -> None:
+    root, copy = dvc_copy
+    assert tracking.connect() == f"sqlite:///{root / 'mlflow.db'}"
+    with tracking.start_run(MlflowConfig(experiment_name="exps"), "a") as run:
+        mlflow.log_text("hello", "note.txt")
+        tracking.save_run_file(copy / "models/mlflow_run.json", run)
+    assert (root / "mlflow.db").is_file() and not (copy / "mlflow.db").exists()
+    client = MlflowClient()
+    artifact = Path(client.get_run(run.info.run_id).info.artifact_uri.removeprefix("file://")) / "note.txt"
+    assert artifact.read_text() == "hello" and artifact.is_relative_to(root / "mlruns")
+    assert all(
+        Path(e.artifact_location.removeprefix("file://")).is_relative_to(root) for e in client.search_experiments()
+    )
+    assert not (copy / "mlruns").exists()
+    # What DVC commits holds no path of this machine: the default store is recorded as none.
+    info = json.loads((copy / "models/mlflow_run.json").read_text())
+    assert info["tracking_uri"] is None and info["run_name"] == "a"
+    # After `dvc exp apply` in the main workspace the record still finds its run.
+    os.chdir(root)
+    os.environ.pop("DVC_ROOT")
+    with tracking.resume_run(info) as reopened:
+        assert reopened.info.run_id == run.info.run_id
+    # An explicit MLFLOW_TRACKING_URI still wins.
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = other
+    try:
+        assert tracking.connect() == other
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+
+
+def test_run_names_come_from_dvc_or_the_settings_never_from_the_seeded_rng(monkeypatch) -> None:
+    model, cfg = ModelConfig(arch="fast", nf=16), TrainConfig(epochs=2, batch_size=256, lr=0.02)
+    names = []
+    for _ in range(2):
+        random.seed(42)  # what make_deterministic does; MLflow drew its names from this RNG
+        names.append(tracking.run_name(model, cfg))
+    assert names[0] != names[1]
+    assert all(re.fullmatch(r"fast-nf16-e2-b256-lr0\.02-[0-9a-f]{4}", n) for n in names), names
+    monkeypatch.setenv("DVC_EXP_NAME", "lucid-yawl")
+    assert tracking.run_name(model, cfg) == "lucid-yawl"
+
+
+def test_dvc_experiment_tags_and_the_run_mlflow_run_made_takes_the_dvc_name(workdir, monkeypatch) -> None:
+    monkeypatch.setenv("DVC_EXP_NAME", "lucid-yawl")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "0123abcd")
+    with tracking.start_run(MlflowConfig(experiment_name="tests"), "lucid-yawl") as run:
+        pass
+    tags = MlflowClient().get_run(run.info.run_id).data.tags
+    assert tags["dvc.exp_name"] == "lucid-yawl" and tags["dvc.baseline_rev"] == "0123abcd"
+    assert run.info.run_name == "lucid-yawl"
+    # `mlflow run` creates the run (MLFLOW_RUN_ID) under a random name; the stage renames it.
+    made = MlflowClient().create_run(run.info.experiment_id, run_name="capable-auk-759")
+    monkeypatch.setenv("MLFLOW_RUN_ID", made.info.run_id)
+    with tracking.start_run(MlflowConfig(experiment_name="tests"), "lucid-yawl"):
+        pass
+    assert MlflowClient().get_run(made.info.run_id).info.run_name == "lucid-yawl"
+
+
+def test_a_sweep_is_one_parent_run_with_its_runs_nested(workdir) -> None:
+    cfg = MlflowConfig(experiment_name="tests", sweep="lr-grid")
+    ids = []
+    for name in ("a", "b"):
+        with tracking.start_run(cfg, name) as run:
+            ids.append(run.info.run_id)
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("tests")
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.`sweep.role` = 'parent'")
+    assert parent.info.run_name == "lr-grid" and parent.info.status == "FINISHED"
+    runs = client.search_runs([experiment.experiment_id], "tags.sweep = 'lr-grid'")
+    children = [r for r in runs if r.info.run_id != parent.info.run_id]
+    assert sorted(r.info.run_id for r in children) == sorted(ids)
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
+    assert experiment.tags["mlflow.note.content"] == tracking.DESCRIPTION
+
+
+WORKER = """
+import sys
+from pathlib import Path
+
+import mlflow
+from pipeline import tracking
+from pipeline.params import MlflowConfig
+
+tracking.connect()
+with tracking.start_run(MlflowConfig(experiment_name="parallel", sweep="s"), f"w{sys.argv[1]}") as run:
+    for step in range(1, 21):
+        mlflow.log_metrics({"loss": 1 / step, "accuracy": step / 20}, step=step)
+    mlflow.log_params({f"p{i}": i for i in range(20)})
+    mlflow.log_text("x" * 10000, "artifact.txt")
+    tracking.save_run_file(Path(f"run{sys.argv[1]}.json"), run)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [4])
+def test_parallel_stages_share_one_new_sqlite_store(tmp_path, workers) -> None:
+    """Real processes at once on a store that does not exist yet (as `dvc queue start -j 4` in a
+    fresh clone): each creates the store, the experiment or the sweep's parent if missing, and logs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(PYTHONPATH=str(REPO), DVC_ROOT=str(tmp_path))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(i)], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True
+        )
+        for i in range(workers)
+    ]
+    errors = [p.communicate()[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(errors)
+    assert not any("database is locked" in e for e in errors)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (experiment,) = [e for e in client.search_experiments() if e.name == "parallel"]
+    runs = client.search_runs([experiment.experiment_id])
+    assert len([r for r in runs if r.data.tags.get("sweep.role") == "parent"]) == 1
+    runs = [r for r in runs if r.data.tags.get("sweep.role") != "parent"]
+    assert sorted(r.info.run_name for r in runs) == [f"w{i}" for i in range(workers)]
+    for run in runs:
+        assert run.info.status == "FINISHED" and len(run.data.params) == 20
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 21))
+        assert (
+            client.download_artifacts(run.info.run_id, "artifact.txt", str(tmp_path))
+            and len((tmp_path / "artifact.txt").read_text()) == 10000
+        )
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_run_killed_keeps_the_checkpoint_and_the_next_run_resumes_it(processed) -> None:
+    """`kill`, `timeout`, a batch scheduler: exit 143, one line, run KILLED; then it resumes, each epoch once."""
+    set_params(processed, "train", epochs=3, batch_size=4)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "pipeline.train", "--out", "models", "--checkpoint", "ckpt.pt"]
+    proc = subprocess.Popen(cmd, cwd=processed, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while not (processed / "ckpt.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate()[1]
+    assert proc.returncode == 143, stderr
+    lines = [line for line in stderr.splitlines() if "terminated" in line]
+    assert lines == ["terminated (SIGTERM): ckpt.pt keeps the last complete epoch; run again to resume"], stderr
+    assert "Traceback" not in stderr and not (processed / "models/model.pt").exists()
+    checkpoint = torch.load(processed / "ckpt.pt", weights_only=True)
+    client = MlflowClient()
+    assert client.get_run(checkpoint["run_id"]).info.status == "KILLED"
+
+    subprocess.run(cmd, cwd=processed, env=env, check=True, capture_output=True)
+    run = client.get_run(checkpoint["run_id"])  # the same run, resumed
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [1, 2, 3]
+
+
+def test_the_models_tab_shows_test_metrics_and_the_run_system_metrics(in_trained) -> None:
+    client = MlflowClient()
+    run = client.get_run(json.loads((in_trained / "models/mlflow_run.json").read_text())["run_id"])
+    models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert sorted(m.name for m in models) == ["classifier", "model"]
+    for model in models:
+        metrics = {m.key: m for m in model.metrics}
+        assert metrics["test_accuracy"].value == run.data.metrics["test_accuracy"]
+        assert metrics["test_accuracy"].dataset_name == "mnist-test"
+        assert metrics["val_accuracy"].step == int(run.data.params["train.epochs"])  # the model's epoch
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
+    assert [i.dataset.name for i in run.inputs.dataset_inputs] == ["mnist-train", "mnist-test"]
+
+
+def test_importing_the_stages_prints_no_warning() -> None:
+    """MLflow's "Add type hints to the `predict` method" came at import, before every stage's output."""
+    code = "import pipeline.train, pipeline.evaluate, pipeline.predict"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
