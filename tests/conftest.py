@@ -143,12 +143,17 @@ def copy_repo(dest: Path) -> Path:
     return dest
 
 
-def sh(repo: Path, *cmd: str, ok: bool = True, **env: str) -> str:
-    """Run a command in a repo copy with the venv first on PATH; return its output, fail loudly."""
+def sh_env(**env: str) -> dict[str, str]:
+    """The environment of commands run in a repo copy: the venv first on PATH, no MLflow settings."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environ['PATH']}"
     environ.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
-    result = subprocess.run(cmd, cwd=repo, env={**environ, **env}, capture_output=True, text=True)
+    return {**environ, **env}
+
+
+def sh(repo: Path, *cmd: str, ok: bool = True, **env: str) -> str:
+    """Run a command in a repo copy with the venv first on PATH; return its output, fail loudly."""
+    result = subprocess.run(cmd, cwd=repo, env=sh_env(**env), capture_output=True, text=True)
     output = result.stdout + result.stderr
     assert (result.returncode == 0) == ok, f"{' '.join(cmd)} exited {result.returncode}:\n{output[-3000:]}"
     return output

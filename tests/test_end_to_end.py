@@ -2,6 +2,9 @@
 
 import hashlib
 import json
+import re
+import subprocess
+import time
 from pathlib import Path
 
 import mlflow
@@ -9,7 +12,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from .conftest import sh, synthetic_repo
+from .conftest import sh, sh_env, synthetic_repo
 
 pytestmark = pytest.mark.slow
 
@@ -27,6 +30,7 @@ def test_repro_writes_every_declared_output(repo) -> None:
     output = (repo.parent / "first-repro.log").read_text()
     for stage in ("download", "preprocess", "train", "evaluate"):
         assert f"Running stage '{stage}'" in output
+    assert "Warning" not in output  # e.g. MLflow's "Add type hints to the `predict` method"
     for path in (
         "data/raw/train-images-idx3-ubyte",
         "data/processed/train.pt",
@@ -101,12 +105,100 @@ def test_changing_lr_reruns_only_train_and_evaluate(repo) -> None:
     assert "Running stage 'download'" not in out and "Running stage 'preprocess'" not in out
 
 
-def test_dvc_exp_run_with_set_param(repo) -> None:
+def client_of(repo: Path) -> MlflowClient:
+    """A client of the repository's own store, which every experiment logs to."""
+    return MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}", registry_uri=f"sqlite:///{repo / 'mlflow.db'}")
+
+
+def runs_named(repo: Path, name: str) -> list:
+    client = client_of(repo)
+    return client.search_runs([e.experiment_id for e in client.search_experiments()], f"attributes.run_name = '{name}'")
+
+
+def test_dvc_exp_run_in_a_temporary_copy_logs_to_the_repo_store(repo) -> None:
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "lr")
-    out = sh(repo, "dvc", "exp", "run", "-S", "train.epochs=1")
+    out = sh(repo, "dvc", "exp", "run", "--temp", "-n", "short", "-S", "train.epochs=1")
     assert "Running stage 'train'" in out
     assert "train.epochs" in sh(repo, "dvc", "exp", "show", "--no-pager", "--csv")
+    (run,) = runs_named(repo, "short")  # named after the experiment, in the repo's mlflow.db
+    assert run.info.status == "FINISHED" and run.data.tags["dvc.exp_name"] == "short"
+    assert run.data.tags["dvc.baseline_rev"] == sh(repo, "git", "rev-parse", "HEAD").strip()
+    assert not run.data.tags["git_commit"].endswith("-dirty")  # params.yaml differs, the code does not
+    assert "test_accuracy" in run.data.metrics
+
+
+def start_queue(repo: Path, jobs: int) -> None:
+    """`dvc queue start -j jobs`; its workers keep running in the background (no pipes to wait on)."""
+    cmd = ["dvc", "queue", "start", "-j", str(jobs)]
+    subprocess.run(cmd, cwd=repo, env=sh_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+
+
+def wait_for_queue(repo: Path, timeout: float = 600) -> str:
+    """`dvc queue status` once nothing is queued or running and the workers have exited.
+
+    Idle workers stop ~10 s after the queue empties; a `dvc queue start` meanwhile can lose its
+    task to their shutdown (treeverse/dvc-task#77, treeverse/dvc#10562), hence the wait.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = sh(repo, "dvc", "queue", "status")
+        if not re.search(r"\b(Queued|Running)\b", status) and "0 active, 0 idle" in status:
+            return status
+        time.sleep(1)
+    raise AssertionError(f"queue still busy after {timeout} s:\n{status}")
+
+
+def test_a_queued_sweep_runs_in_parallel_each_experiment_one_named_run_in_the_repo_store(repo) -> None:
+    """A 2-point grid with `dvc exp run --queue -S a,b` run by 2 workers on the embedded SQLite store."""
+    out = sh(repo, "dvc", "exp", "run", "--queue", "-S", "mlflow.sweep=grid", "-S", "train.lr=0.002,0.004")
+    assert out.count("Queued experiment") == 2
+    start_queue(repo, 2)
+    status = wait_for_queue(repo)
+    assert status.count("Success") >= 2 and "Failed" not in status, status
+
+    client = client_of(repo)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.sweep = 'grid'")
+    (parent,) = [r for r in runs if r.data.tags.get("sweep.role") == "parent"]
+    runs = [r for r in runs if r.info.run_id != parent.info.run_id]
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in runs)
+    assert sorted(r.data.params["train.lr"] for r in runs) == ["0.002", "0.004"]
+    a, b = runs
+    assert a.info.start_time < b.info.end_time and b.info.start_time < a.info.end_time  # they ran at once
+    # Each run's name is its DVC experiment's, and `dvc exp show` shows which run each made.
+    shown = sh(repo, "dvc", "exp", "show", "--no-pager", "--csv")
+    for run in runs:
+        assert run.info.run_name == run.data.tags["dvc.exp_name"]
+        assert f"{run.info.run_name}," in shown and run.info.run_id in shown
+        # Artifacts live at the repo root, not in the deleted temporary copy: the model loads.
+        models = client.search_logged_models(
+            experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"
+        )
+        assert {m.name for m in models} == {"model", "classifier"}
+        assert all(Path(m.artifact_location.removeprefix("file://")).is_relative_to(repo / "mlruns") for m in models)
+        assert all((Path(m.artifact_location.removeprefix("file://")) / "MLmodel").is_file() for m in models)
+
+    # After `dvc exp apply`, the run file DVC committed with the experiment names a run that exists.
+    sh(repo, "dvc", "exp", "apply", a.info.run_name)
+    info = json.loads((repo / "models/mlflow_run.json").read_text())
+    assert info["run_id"] == a.info.run_id and info["tracking_uri"] is None
+    assert "up to date" in sh(repo, "dvc", "status")
+
+
+def test_dvc_queue_kill_leaves_no_run_running(repo) -> None:
+    sh(repo, "dvc", "exp", "run", "--queue", "-n", "long", "-S", "mlflow.sweep=null", "-S", "train.epochs=2000")
+    start_queue(repo, 1)
+    deadline = time.monotonic() + 300
+    while not runs_named(repo, "long") and time.monotonic() < deadline:  # training has started
+        time.sleep(0.5)
+    assert runs_named(repo, "long"), sh(repo, "dvc", "queue", "status") + sh(
+        repo, "dvc", "queue", "logs", "long", ok=False
+    )
+    sh(repo, "dvc", "queue", "kill", "long")
+    wait_for_queue(repo)
+    (run,) = runs_named(repo, "long")
+    assert run.info.status == "KILLED"
 
 
 def test_dvc_remote_carries_results_to_a_fresh_clone(repo, tmp_path) -> None:
