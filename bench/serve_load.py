@@ -147,8 +147,8 @@ def client(server: Server, batch: int, payloads: list[bytes], until: float, out:
     conn.close()
 
 
-def drive(server: Server, batch: int, clients: int, seconds: float) -> tuple[dict, float, float]:
-    """`clients` threads sending batches for `seconds`: ({latencies, errors}, elapsed s, max server RSS MB)."""
+def drive(server: Server, batch: int, clients: int, seconds: float) -> tuple[dict, float, list[tuple[float, float]]]:
+    """`clients` threads sending batches for `seconds`: ({latencies, errors}, elapsed s, [(s, server RSS MB)])."""
     payloads = bodies(batch)
     out: dict = {"latencies": [], "errors": []}
     start = time.perf_counter()
@@ -157,20 +157,22 @@ def drive(server: Server, batch: int, clients: int, seconds: float) -> tuple[dic
     ]
     for t in threads:
         t.start()
-    rss_max = server.rss_mb()
+    rss = [(0.0, server.rss_mb())]
     while any(t.is_alive() for t in threads):  # sample the server's memory during the run
         time.sleep(0.25)
-        rss_max = max(rss_max, server.rss_mb())
+        rss.append((time.perf_counter() - start, server.rss_mb()))
     for t in threads:
         t.join()
-    return out, time.perf_counter() - start, rss_max
+    return out, time.perf_counter() - start, rss
 
 
 def load(server: Server, batch: int, clients: int, seconds: float, warmup: float) -> dict:
     """Batches of `batch` images from `clients` at once for `warmup` s, then measured for `seconds`."""
     drive(server, batch, clients, warmup)  # first requests of a size grow the allocator's pools
     rss_start = server.rss_mb()
-    out, elapsed, rss_max = drive(server, batch, clients, seconds)
+    out, elapsed, rss = drive(server, batch, clients, seconds)
+    t, mb = np.array(rss).T
+    slope = np.polyfit(t, mb, 1)[0] * 60 if len(t) > 2 else 0.0  # MB per minute: a leak shows as a steady rise
     lat = np.array(out["latencies"]) * 1000  # ms
     n = len(lat)
     return {
@@ -187,7 +189,8 @@ def load(server: Server, batch: int, clients: int, seconds: float, warmup: float
         "error_examples": out["errors"][:5],
         "rss_start_mb": round(rss_start),
         "rss_end_mb": round(server.rss_mb()),
-        "rss_max_mb": round(rss_max),
+        "rss_max_mb": round(mb.max()),
+        "rss_trend_mb_per_min": round(float(slope), 1),
     }
 
 
@@ -210,10 +213,11 @@ def describe(model_uri: str) -> dict:
 
 def table(results: list[dict]) -> str:
     lines = [
-        "batch  clients  requests  images/s  p50 ms  p99 ms  errors  server RSS start -> end (max) MB",
+        "batch  clients  requests  images/s  p50 ms  p99 ms  errors  server RSS MB: start -> end (max), trend/min",
         *(
             f"{r['batch']:>5}  {r['clients']:>7}  {r['requests']:>8}  {r['images_per_s']:>8}  {r['p50_ms']:>6}  "
-            f"{r['p99_ms']:>6}  {r['errors']:>6}  {r['rss_start_mb']:,} -> {r['rss_end_mb']:,} ({r['rss_max_mb']:,})"
+            f"{r['p99_ms']:>6}  {r['errors']:>6}  {r['rss_start_mb']:,} -> {r['rss_end_mb']:,} ({r['rss_max_mb']:,}), "
+            f"{r['rss_trend_mb_per_min']:+}"
             for r in results
         ),
     ]
@@ -230,6 +234,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT, help="results file")
     args = parser.parse_args()
     model = describe(args.model)
+    load_before = os.getloadavg()[0]  # other work on the machine moves these numbers: recorded with them
     with tempfile.TemporaryDirectory() as tmp, serve(args.model, Path(tmp) / "serve.log") as server:
         idle = round(server.rss_mb())
         results = [load(server, b, args.clients, args.seconds, args.warmup) for b in args.batches]
@@ -237,12 +242,13 @@ def main() -> None:
         "date": date.today().isoformat(),
         "cpu": f"{cpu_model()}, {os.cpu_count()} cores",
         "model": model,
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # before, after
         "server_rss_idle_mb": idle,
         "warmup_seconds": args.warmup,
         "results": results,
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"model {model}; server idle RSS {idle:,} MB", file=sys.stderr)
+    print(f"model {model}; server idle RSS {idle:,} MB; load average {report['load_average_1min']}", file=sys.stderr)
     print(table(results))
     if any(r["errors"] for r in results):
         sys.exit(f"errors: {[e for r in results for e in r['error_examples']]}")

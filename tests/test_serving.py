@@ -88,6 +88,8 @@ def test_classifier_pyfunc_answers_digit_and_probabilities(in_trained) -> None:
     pd.testing.assert_frame_equal(out, as_frame)
     pd.testing.assert_frame_equal(out, as_float)
     assert model.metadata.get_output_schema().input_names() == COLUMNS
+    with pytest.raises(MlflowException, match=r"pixels must lie in \[0, 255\] .* got values from 0 to 256"):
+        model.predict(np.where(images > 0, 256, 0))  # refused, as served, never clipped
 
 
 @pytest.fixture(scope="module")
