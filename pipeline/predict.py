@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +24,7 @@ log = logging.getLogger("pipeline.predict")
 BOX = 20  # MNIST scaled each digit's bounding box to fit 20x20, keeping its aspect ratio
 NOISE = 32  # ink below this (of 255, after contrast stretch) is paper texture or JPEG noise
 MIN_CONTRAST = 24  # darkest-to-brightest spread below this: no digit to see
+MAX_SIDE = 1024  # bigger pictures are shrunk to this many pixels on their longer side before normalising
 URI = re.compile(r"^[a-z][a-z0-9+.-]+:/")  # runs:/, models:/, file://, s3://, ...
 
 Predictor = Callable[[np.ndarray], np.ndarray]  # uint8 (N, 28, 28) -> probabilities (N, 10)
@@ -33,22 +35,44 @@ class ImageError(Exception):
 
 
 def load_image(path: Path) -> np.ndarray:
-    """Decode an image file (PNG, JPEG; any size, grayscale, RGB or with alpha) to gray (H, W) in [0, 255]."""
+    """Decode a PNG or JPEG (any size; gray, RGB, CMYK, 16-bit or with alpha) to gray (H, W) in [0, 255]."""
     try:
         if path.stat().st_size == 0:
             raise ImageError("empty file")
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)  # phone photos store their rotation in EXIF
-            if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
-                # Transparent means background: lay the image on white (a drawing app's canvas).
-                im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
-            return np.asarray(im.convert("L"), dtype=np.float32)
+        with warnings.catch_warnings():
+            # Pillow refuses images over twice Image.MAX_IMAGE_PIXELS (89.5 million) as decompression
+            # bombs and only warns between once and twice: refuse those too rather than decode them.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.draft(im.mode, (MAX_SIDE, MAX_SIDE))  # JPEG only: decode big photos at 1/2, 1/4 or 1/8 size
+                im = ImageOps.exif_transpose(im)  # phone photos store their rotation in EXIF
+                if im.mode == "F":
+                    raise ImageError("floating-point pixels are not supported (PNG or JPEG expected)")
+                if im.mode == "I" or im.mode.startswith("I;16"):
+                    im = Image.fromarray(from_16_bit(np.asarray(im)))
+                elif im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+                    # Transparent means background: lay the image on white (a drawing app's canvas).
+                    im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
+                im = im.convert("L")  # an animated GIF: its first frame
+                im.thumbnail((MAX_SIDE, MAX_SIDE))  # the digit ends up 20x20: keep memory bounded
+                return np.asarray(im, dtype=np.float32)
+    except ImageError:
+        raise
     except UnidentifiedImageError:
         raise ImageError("not an image PIL can read (PNG or JPEG expected)") from None
-    except Image.DecompressionBombError as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(str(e)) from None
     except (OSError, SyntaxError, ValueError) as e:  # missing, unreadable, truncated, corrupt
         raise ImageError(f"cannot read it: {getattr(e, 'strerror', None) or e}") from None
+    except Exception as e:  # PIL's decoders raise other kinds too on corrupt data (EOFError, struct.error)
+        raise ImageError(f"cannot read it: {type(e).__name__}: {e}") from None
+
+
+def from_16_bit(pixels: np.ndarray) -> np.ndarray:
+    """16-bit gray (0-65535) to uint8 0-255, scaled: Pillow's convert("L") would clip everything above 255 to white."""
+    if pixels.min() < 0 or pixels.max() > 65535:
+        raise ImageError(f"pixel values {pixels.min()} to {pixels.max()} are not 8- or 16-bit")
+    return (pixels.astype(np.float32) * (255 / 65535)).round().astype(np.uint8)
 
 
 def to_mnist(gray: np.ndarray) -> np.ndarray:

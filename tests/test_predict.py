@@ -1,6 +1,10 @@
 """pipeline.predict: image decoding, MNIST-style normalisation, the command line, model sources."""
 
+import io
 import json
+import re
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +13,7 @@ from PIL import Image, ImageDraw
 
 from pipeline import predict
 from pipeline.errors import DataError
-from pipeline.predict import ImageError, load_image, to_mnist
+from pipeline.predict import ImageError, from_16_bit, load_image, to_mnist
 
 SEVEN = [(40, 30), (150, 30), (80, 170)]  # a "7" stroke, off-centre in a 320x240 picture
 
@@ -134,3 +138,104 @@ def test_mlflow_uris_give_the_checkpoint_s_answers(in_trained, images) -> None:
         for a, b in zip(results[0], other, strict=True):
             assert a["digit"] == b["digit"]
             assert np.allclose(a["probabilities"], b["probabilities"], atol=1e-5)
+
+
+def declared_png(width: int, height: int) -> bytes:
+    """A tiny PNG whose header declares width x height (CRC fixed): a decompression bomb as Pillow sees it."""
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    data[16:24] = struct.pack(">II", width, height)  # IHDR's width and height, after the 8-byte signature
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # CRC of b"IHDR" + its 13 bytes
+    return bytes(data)
+
+
+@pytest.fixture
+def hostile(tmp_path: Path) -> dict[str, Path]:
+    """Files that broke or could break predict, made with Pillow; `reference` is the plain picture."""
+    ink, paper = (78, 78, 78), (234, 234, 234)  # a gray scan: mid-tones that 16 bits must keep
+    plain = draw_seven(tmp_path / "reference.png", ink, paper, "RGB")
+    gray = np.asarray(Image.open(plain).convert("L"))
+    files = {"reference": plain}
+
+    files["16-bit PNG"] = tmp_path / "deep.png"
+    Image.fromarray(gray.astype(np.uint16) * 257).save(files["16-bit PNG"])  # mode I;16, 0-65535
+
+    files["CMYK JPEG"] = tmp_path / "print.jpg"
+    cmyk = Image.new("CMYK", (320, 240), (0, 0, 0, 255 - paper[0]))
+    ImageDraw.Draw(cmyk).line(SEVEN, fill=(0, 0, 0, 255 - ink[0]), width=14)
+    cmyk.save(files["CMYK JPEG"], quality=95)
+
+    # A phone photo: the sensor's landscape pixels, stored turned, with EXIF Orientation 6
+    # ("rotate 90 degrees clockwise to view"); bigger than MAX_SIDE, so it is shrunk too.
+    files["EXIF-rotated photo"] = tmp_path / "IMG_0001.jpg"
+    photo = Image.open(plain).resize((1600, 1200)).transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo.save(files["EXIF-rotated photo"], exif=exif, quality=90)
+
+    files["animated GIF"] = tmp_path / "anim.gif"
+    frames = [Image.open(plain).convert("L"), Image.new("L", (320, 240), 0)]  # the digit, then black
+    frames[0].save(files["animated GIF"], save_all=True, append_images=frames[1:], duration=100, loop=0)
+
+    files["JPEG named .png"] = tmp_path / "photo.png"
+    Image.open(plain).save(files["JPEG named .png"], format="JPEG")
+
+    files["text named .png"] = tmp_path / "notes.png"
+    files["text named .png"].write_text("<html>not a picture</html>\n")
+    files["truncated PNG"] = tmp_path / "cut.png"
+    files["truncated PNG"].write_bytes(plain.read_bytes()[: plain.stat().st_size // 2])
+    files["bomb 30000x30000"] = tmp_path / "bomb.png"
+    files["bomb 30000x30000"].write_bytes(declared_png(30000, 30000))
+    files["bomb 9500x9500"] = tmp_path / "big.png"  # over MAX_IMAGE_PIXELS, where Pillow only warns
+    files["bomb 9500x9500"].write_bytes(declared_png(9500, 9500))
+    return files
+
+
+READABLE = ["16-bit PNG", "CMYK JPEG", "EXIF-rotated photo", "animated GIF", "JPEG named .png"]
+REFUSED = {
+    "text named .png": "not an image PIL can read",
+    "truncated PNG": "cannot read it: image file is truncated",
+    "bomb 30000x30000": r"Image size \(900000000 pixels\) exceeds limit",
+    "bomb 9500x9500": r"Image size \(90250000 pixels\) exceeds limit",
+}
+
+
+@pytest.mark.parametrize("name", READABLE)
+def test_odd_but_valid_images_normalise_like_the_plain_picture(hostile, name) -> None:
+    reference = to_mnist(load_image(hostile["reference"])).astype(float)
+    got = to_mnist(load_image(hostile[name])).astype(float)
+    assert np.corrcoef(got.ravel(), reference.ravel())[0, 1] > 0.95  # JPEG noise is all that differs
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_broken_images_are_refused_in_one_line_before_decoding(hostile, name) -> None:
+    with pytest.raises(ImageError, match=REFUSED[name]) as e:
+        load_image(hostile[name])
+    assert "\n" not in str(e.value)
+
+
+def test_16_bit_pixels_are_scaled_not_clipped() -> None:
+    assert from_16_bit(np.array([0, 257, 32896, 65535], np.uint16)).tolist() == [0, 1, 128, 255]
+    with pytest.raises(ImageError, match="not 8- or 16-bit"):
+        from_16_bit(np.array([0, 70000], np.int32))
+
+
+@pytest.mark.slow
+def test_cli_on_hostile_files_answers_each_in_one_line(in_trained, hostile, monkeypatch, capsys) -> None:
+    names = [n for n in hostile if n != "reference"]
+    code, out, err = run_cli(
+        monkeypatch, capsys, "--json", str(hostile["reference"]), *(str(hostile[n]) for n in names)
+    )
+    results = json.loads(out)
+    assert code == 1 and "Traceback" not in err
+    assert "digit" in results[0]  # the plain picture, first in the same call
+    by_name = dict(zip(names, results[1:], strict=True))
+    # Each readable file is predicted (that its input matches the plain picture's is tested above).
+    for name in READABLE:
+        result = by_name[name]
+        assert result["digit"] == int(np.argmax(result["probabilities"])), name
+        assert sum(result["probabilities"]) == pytest.approx(1, abs=1e-4), name
+    for name, message in REFUSED.items():
+        assert re.search(message, by_name[name]["error"]), by_name[name]
+    assert err.splitlines() == [f"error: {hostile[n]}: {by_name[n]['error']}" for n in names if n in REFUSED]
