@@ -4,6 +4,7 @@ open a page, wait until it has drawn, and report what it drew, requested and com
 from __future__ import annotations
 
 import base64
+import fcntl
 import itertools
 import json
 import os
@@ -47,6 +48,13 @@ PROBE = """(() => [...document.body.children].filter(e => e.tagName === 'DIV').m
 }))()"""
 
 
+def above_4(fd: int) -> int:
+    """`fd` moved to a number above 4, so that putting the pipes on 3 and 4 overwrites neither."""
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
+    os.close(fd)
+    return moved
+
+
 def chromium() -> str | None:
     """Debian's `chromium` (or Chrome) on PATH, or None."""
     return next(filter(None, map(shutil.which, ["chromium", "chromium-browser", "google-chrome"])), None)
@@ -72,6 +80,7 @@ class Browser:
         self.profile = tempfile.mkdtemp(prefix="chromium-profile-")
         to_chrome, self._out = os.pipe()
         self._in, from_chrome = os.pipe()
+        to_chrome, from_chrome = above_4(to_chrome), above_4(from_chrome)
         # Chromium reads commands on fd 3 and writes replies on fd 4: bash puts the pipes there
         # (dash's redirections take one-digit fds only; preexec_fn is unsafe with threads).
         redirect = f"3<&{to_chrome} 4>&{from_chrome} {to_chrome}<&- {from_chrome}>&-"
