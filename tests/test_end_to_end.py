@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import re
 import subprocess
 import time
@@ -12,6 +13,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from .browser import Browser, Visit, chromium
 from .conftest import sh, sh_env, synthetic_repo
 
 pytestmark = pytest.mark.slow
@@ -199,6 +201,73 @@ def test_dvc_queue_kill_leaves_no_run_running(repo) -> None:
     wait_for_queue(repo)
     (run,) = runs_named(repo, "long")
     assert run.info.status == "KILLED"
+
+
+def needed(what, message: str):
+    """`what`, or skip the test saying `message`; in CI (CI=true) fail instead: it must run there."""
+    if what is None:
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return what
+
+
+def vega_specs(page: Path) -> dict[str, dict]:
+    """The Vega-Lite spec of each interactive plot in a page DVC wrote, by plot id."""
+    found = re.findall(r"var spec = (\{.*?\});\s*vegaEmbed\('#([^']+)'", page.read_text(), re.S)
+    return {plot_id: json.loads(spec) for spec, plot_id in found}
+
+
+def check_drawn_offline(visit: Visit, folder: Path, images: int) -> None:
+    """Every plot drew (a canvas with coloured marks, or loaded images); nothing left the machine."""
+    for plot in visit.plots:
+        if plot["id"].endswith("_png"):
+            assert len(plot["images"]) == images and all(plot["images"]), plot
+        else:
+            assert plot["canvas"] and plot["coloured"] > 100, plot  # lines or cells, not just axes
+    local = folder.resolve().as_uri() + "/"
+    assert all(url.startswith(local) for url in visit.requests), visit.requests
+    assert not visit.errors, visit.errors
+
+
+def test_plots_show_and_diff_draw_offline_in_a_browser(repo, tmp_path) -> None:
+    """`dvc plots show` and `dvc plots diff HEAD <exp>` in headless Chromium with no network:
+    each plot of dvc.yaml once, titled and labelled, drawn; the diff overlays both revisions."""
+    binary = needed(chromium(), "no headless browser: `apt-get install chromium` (.ci/run does)")
+    template = repo / "plots/page.html"  # .dvc/config's plots.html_template, copied from the checkout
+    needed(template if template.is_file() else None, "no plots/page.html: run `make setup` (npm ci) first")
+    plots = yaml.safe_load((repo / "dvc.yaml").read_text())["plots"]  # {id: props} or an image's path
+    drawn = {name: props for plot in plots if isinstance(plot, dict) for name, props in plot.items()}
+    images = [plot for plot in plots if isinstance(plot, str)]
+    assert set(drawn) == {"loss", "accuracy", "confusion"} and images == ["reports/misclassified.png"]
+
+    experiments = sh(repo, "dvc", "exp", "list", "--name-only").split()
+    if not experiments:  # run on its own (-k): make what test_dvc_exp_run_with_set_param makes
+        sh(repo, "git", "add", "-A")
+        sh(repo, "git", "commit", "-qm", "results")
+        sh(repo, "dvc", "exp", "run", "-S", "train.epochs=1")
+        experiments = sh(repo, "dvc", "exp", "list", "--name-only").split()
+    experiment = experiments[-1]
+    sh(repo, "dvc", "plots", "show", "-o", str(tmp_path / "show"))
+    sh(repo, "dvc", "plots", "diff", "HEAD", experiment, "-o", str(tmp_path / "diff"))
+    with Browser(binary, timeout=20) as browser:
+        show = browser.visit(tmp_path / "show/index.html", ready=len(plots))
+        diff = browser.visit(tmp_path / "diff/index.html", ready=len(plots))
+    (repo.parent / "plots-show.png").write_bytes(show.screenshot)  # to look at when this fails
+    (repo.parent / "plots-diff.png").write_bytes(diff.screenshot)
+
+    for name, visit, revisions in (("show", show, {"workspace"}), ("diff", diff, {"HEAD", experiment})):
+        ids = [plot["id"] for plot in visit.plots]
+        assert ids == [*drawn, "reports_misclassified_png"], ids  # each plot once, in dvc.yaml's order
+        check_drawn_offline(visit, tmp_path / name, images=len(revisions))
+        specs = vega_specs(tmp_path / name / "index.html")
+        assert set(specs) == set(drawn), specs.keys()
+        for plot_id, spec in specs.items():
+            props, text = drawn[plot_id], json.dumps(spec)
+            assert spec["title"]["text"] == props["title"]
+            assert f'"title": "{props["x_label"]}"' in text and f'"title": "{props["y_label"]}"' in text
+            # `diff` overlays the revisions in each chart: their points share one spec.
+            assert {point["rev"] for point in spec["data"]["values"]} == revisions, plot_id
 
 
 def test_dvc_remote_carries_results_to_a_fresh_clone(repo, tmp_path) -> None:
