@@ -2,10 +2,28 @@
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
+
+from pipeline import distributed
+from pipeline.distributed import ALONE, World
+from pipeline.errors import PipelineError
+from pipeline.params import TrainConfig
+from pipeline.runtime import autocast_dtype
+
+log = logging.getLogger("pipeline.train")
+Split = tuple[torch.Tensor, torch.Tensor]
+
+
+class TrainingDiverged(PipelineError):
+    """The loss became NaN or infinite."""
 
 
 def train_one_epoch(
@@ -18,35 +36,47 @@ def train_one_epoch(
     desc: str = "train",
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     autocast: torch.dtype | None = None,
+    world: World = ALONE,
 ) -> dict[str, float]:
-    """One pass over (images, labels) in a seeded random order.
+    """One pass over (images, labels) in a seeded random order, in global batches of `batch_size`
+    of which this rank takes its share (see distributed.shard).
 
-    Returns mean loss and accuracy, and `first_bad_batch`: the 1-based batch whose loss was NaN or
-    infinite, or -1.
+    Returns mean loss and accuracy over all ranks, and `first_bad_batch`: the 1-based batch whose
+    loss was NaN or infinite on any rank, or -1.
     """
     model.train()
     n = len(images)
+    # The same seeded CPU permutation on every rank: together the ranks cover each batch once.
     order = torch.randperm(n, generator=generator).to(images.device)
     # Sums stay on the device: reading them every batch (.item()) would sync each step.
     loss_sum = torch.zeros((), device=images.device)
     correct = torch.zeros((), dtype=torch.long, device=images.device)
-    # Index of the first batch whose loss was not finite (-1: none), tracked on the device too.
-    first_bad = torch.full((), -1, dtype=torch.long, device=images.device)
-    for batch, start in enumerate(tqdm(range(0, n, batch_size), desc=desc, unit="batch", leave=False, disable=None), 1):
+    # Index of the first batch whose loss was not finite (n + 1: none), tracked on the device too.
+    first_bad = torch.full((), n + 1, dtype=torch.long, device=images.device)
+    batches = range(0, n, batch_size)
+    progress = tqdm(batches, desc=desc, unit="batch", leave=False, disable=None if world.rank == 0 else True)
+    for batch, start in enumerate(progress, 1):
         idx = order[start : start + batch_size]
-        x, y = images[idx], labels[idx]  # (B, 1, 28, 28) uint8, (B,)
+        m = len(idx)  # this global batch (the last one may be short)
+        idx = distributed.shard(idx, world)
+        x, y = images[idx], labels[idx]  # (B / world, 1, 28, 28) uint8, (B / world,)
         with torch.autocast(images.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            if world.size == 1:
+                loss = F.cross_entropy(logits, y)
+            else:  # DDP averages the ranks' gradients: scaled so, it is the gradient of the global mean
+                loss = F.cross_entropy(logits, y, reduction="sum") * (world.size / m)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        loss_sum += loss.detach() * len(idx)
+        loss_sum += loss.detach() * (m / world.size)  # this rank's sum of per-image losses
         correct += (logits.argmax(1) == y).sum()
-        first_bad = torch.where((first_bad < 0) & ~loss.detach().isfinite(), batch, first_bad)
-    return {"loss": loss_sum.item() / n, "accuracy": correct.item() / n, "first_bad_batch": int(first_bad)}
+        first_bad = torch.where((first_bad > n) & ~loss.detach().isfinite(), batch, first_bad)
+    totals = distributed.all_sum(torch.stack([loss_sum.double(), correct.double()]), world)
+    bad = int(distributed.all_min(first_bad, world))
+    return {"loss": totals[0].item() / n, "accuracy": totals[1].item() / n, "first_bad_batch": bad if bad <= n else -1}
 
 
 # Inference batch of the per-epoch validation: larger is no faster on a CPU, and each 1000 images
@@ -61,10 +91,90 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Te
     return torch.cat([model(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
 
 
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> dict[str, float]:
-    """Mean cross-entropy and accuracy of the model on (images, labels)."""
-    logits = predict(model, images, batch_size)
-    return {
-        "loss": F.cross_entropy(logits, labels).item(),
-        "accuracy": (logits.argmax(1) == labels).float().mean().item(),
-    }
+def evaluate(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int, world: World = ALONE
+) -> dict[str, float]:
+    """Mean cross-entropy and accuracy of the model on (images, labels); with several ranks each
+    takes a contiguous share and the sums are added up."""
+    if world.size == 1:
+        logits = predict(model, images, batch_size)
+        return {
+            "loss": F.cross_entropy(logits, labels).item(),
+            "accuracy": (logits.argmax(1) == labels).float().mean().item(),
+        }
+    part = distributed.shard(torch.arange(len(images), device=images.device), world)
+    logits = predict(model, images[part], batch_size)
+    loss = F.cross_entropy(logits, labels[part], reduction="sum")
+    sums = distributed.all_sum(torch.stack([loss.double(), (logits.argmax(1) == labels[part]).sum().double()]), world)
+    return {"loss": sums[0].item() / len(images), "accuracy": sums[1].item() / len(images)}
+
+
+def fit(
+    model: nn.Module,
+    train: Split,
+    val: Split,
+    cfg: TrainConfig,
+    resume: dict[str, Any] | None = None,
+    on_epoch: Callable[[dict[str, float], dict[str, Any]], None] | None = None,
+    world: World = ALONE,
+) -> list[dict[str, float]]:
+    """Train up to cfg.epochs, continuing from a `resume` state; after each epoch record train and
+    val loss/accuracy and hand the row and the full training state to `on_epoch`. With several
+    ranks, `model` ends with the weights every rank agrees on."""
+    history: list[dict[str, float]] = []
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        history = list(resume["history"])
+    net = distributed.wrap(model, world)  # `model` itself when alone
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+    scheduler = None
+    if cfg.schedule == "onecycle":  # warm up to train.lr, then anneal, stepping every batch
+        steps = -(-len(train[0]) // cfg.batch_size)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps)
+    # The shuffling generator lives on the CPU, so the order is the same on every device and rank.
+    generator = torch.Generator().manual_seed(cfg.seed)
+    autocast = autocast_dtype(cfg.precision, train[0].device)
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(resume["scheduler"])
+        generator.set_state(resume["generator"])
+        torch.set_rng_state(resume["torch_rng"])
+    for epoch in range(len(history) + 1, cfg.epochs + 1):
+        start = time.perf_counter()
+        desc = f"epoch {epoch}/{cfg.epochs}"
+        tr = train_one_epoch(net, *train, cfg.batch_size, optimizer, generator, desc, scheduler, autocast, world)
+        if tr["first_bad_batch"] >= 0:
+            raise TrainingDiverged(
+                f"loss became NaN or infinite at epoch {epoch}, batch {tr['first_bad_batch']} "
+                f"(train.lr={cfg.lr}); no model written"
+            )
+        va = evaluate(distributed.unwrap(net), *val, batch_size=EVAL_BATCH_SIZE, world=world)
+        row = {
+            "epoch": epoch,
+            "train_loss": tr["loss"],
+            "train_accuracy": tr["accuracy"],
+            "val_loss": va["loss"],
+            "val_accuracy": va["accuracy"],
+        }
+        history.append(row)  # no timings here: the history is part of the reproducible output
+        seconds = time.perf_counter() - start
+        log.info(
+            "epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1f s",
+            *(epoch, cfg.epochs, row["train_loss"], row["train_accuracy"], row["val_loss"], row["val_accuracy"]),
+            seconds,
+        )
+        if on_epoch is not None:
+            state = {
+                "model": distributed.unwrap(net).state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "generator": generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "history": history,
+            }
+            on_epoch({**row, "epoch_seconds": seconds}, state)
+    if net is not model:
+        distributed.check_in_sync(net.module, world)
+        model.load_state_dict(net.module.state_dict())
+    return history

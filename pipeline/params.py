@@ -11,8 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
 from pipeline.errors import ParamsError
 
 PARAMS_FILE = Path("params.yaml")
@@ -90,6 +88,9 @@ class TrainConfig:
     precision: str = "auto"
     channels_last: bool = True
     schedule: str = "constant"
+    nproc: int = 1  # training processes on this machine (data-parallel through torchrun when > 1)
+    nnodes: int = 1  # machines taking part
+    rdzv_endpoint: str | None = None  # host:port of node 0 when nnodes > 1
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", "an integer >= 1", self.epochs)
@@ -100,6 +101,21 @@ class TrainConfig:
         ok = len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)
         _check(ok, "train.betas", "two numbers in [0, 1)", self.betas)
         _check_device("train.device", self.device)
+        _check(self.nproc >= 1, "train.nproc", "an integer >= 1", self.nproc)
+        _check(self.nnodes >= 1, "train.nnodes", "an integer >= 1", self.nnodes)
+        ok = self.rdzv_endpoint is None or re.fullmatch(r"[\w.-]+:\d{1,5}", self.rdzv_endpoint) is not None
+        _check(ok, "train.rdzv_endpoint", "null or host:port of node 0", self.rdzv_endpoint)
+        need = self.nnodes == 1 or self.rdzv_endpoint is not None
+        _check(need, "train.rdzv_endpoint", f"host:port of node 0 when train.nnodes is {self.nnodes}", None)
+        world = self.nproc * self.nnodes
+        ok = world == 1 or self.device in ("auto", "cuda", "cpu")  # each rank takes cuda:LOCAL_RANK
+        _check(ok, "train.device", "auto, cuda or cpu with several training processes", self.device)
+        _check(
+            self.batch_size % world == 0,
+            "train.batch_size",
+            f"divisible by the number of training processes, train.nproc x train.nnodes = {world}",
+            self.batch_size,
+        )
 
 
 @dataclass(frozen=True)
@@ -171,6 +187,8 @@ def read_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
         text = path.read_text()
     except FileNotFoundError:
         raise ParamsError(f"{path} not found (run from the repository root)") from None
+    import yaml  # here, not at the top: the compute core imports this module on bare GPU boxes
+
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

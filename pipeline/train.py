@@ -6,8 +6,7 @@ import argparse
 import dataclasses
 import hashlib
 import logging
-import time
-from collections.abc import Callable
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,90 +14,26 @@ import mlflow
 import pandas as pd
 import torch
 
-from pipeline import tracking
+from pipeline import distributed, tracking
 from pipeline.data import load_split
-from pipeline.engine import EVAL_BATCH_SIZE, evaluate, train_one_epoch
-from pipeline.errors import PipelineError, run_stage
+from pipeline.distributed import World
+from pipeline.engine import TrainingDiverged, fit  # noqa: F401 (TrainingDiverged: train's error)
+from pipeline.errors import run_stage
 from pipeline.files import atomic_path
 from pipeline.model import build_model
 from pipeline.params import MlflowConfig, ModelConfig, TrainConfig, load_section
 from pipeline.runtime import autocast_dtype, device_tags, make_deterministic, pick_device, release_memory, tune_malloc
 
 log = logging.getLogger("pipeline.train")
-Split = tuple[torch.Tensor, torch.Tensor]
 
 
-class TrainingDiverged(PipelineError):
-    """The loss became NaN or infinite."""
-
-
-def fit(
-    model: torch.nn.Module,
-    train: Split,
-    val: Split,
-    cfg: TrainConfig,
-    resume: dict[str, Any] | None = None,
-    on_epoch: Callable[[dict[str, float], dict[str, Any]], None] | None = None,
-) -> list[dict[str, float]]:
-    """Train up to cfg.epochs, continuing from a `resume` state; after each epoch record train and
-    val loss/accuracy and hand the row and the full training state to `on_epoch`."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
-    scheduler = None
-    if cfg.schedule == "onecycle":  # warm up to train.lr, then anneal, stepping every batch
-        steps = -(-len(train[0]) // cfg.batch_size)
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps)
-    # The shuffling generator lives on the CPU, so the order is the same on every device.
-    generator = torch.Generator().manual_seed(cfg.seed)
-    autocast = autocast_dtype(cfg.precision, train[0].device)
-    history: list[dict[str, float]] = []
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(resume["scheduler"])
-        generator.set_state(resume["generator"])
-        torch.set_rng_state(resume["torch_rng"])
-        history = list(resume["history"])
-    for epoch in range(len(history) + 1, cfg.epochs + 1):
-        start = time.perf_counter()
-        desc = f"epoch {epoch}/{cfg.epochs}"
-        tr = train_one_epoch(model, *train, cfg.batch_size, optimizer, generator, desc, scheduler, autocast)
-        if tr["first_bad_batch"] >= 0:
-            raise TrainingDiverged(
-                f"loss became NaN or infinite at epoch {epoch}, batch {tr['first_bad_batch']} "
-                f"(train.lr={cfg.lr}); no model written"
-            )
-        va = evaluate(model, *val, batch_size=EVAL_BATCH_SIZE)
-        row = {
-            "epoch": epoch,
-            "train_loss": tr["loss"],
-            "train_accuracy": tr["accuracy"],
-            "val_loss": va["loss"],
-            "val_accuracy": va["accuracy"],
-        }
-        history.append(row)  # no timings here: the history is part of the reproducible output
-        seconds = time.perf_counter() - start
-        log.info(
-            "epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1f s",
-            *(epoch, cfg.epochs, row["train_loss"], row["train_accuracy"], row["val_loss"], row["val_accuracy"]),
-            seconds,
-        )
-        if on_epoch is not None:
-            state = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "generator": generator.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "history": history,
-            }
-            on_epoch({**row, "epoch_seconds": seconds}, state)
-    return history
+PARALLEL_KEYS = ("nproc", "nnodes", "rdzv_endpoint")
 
 
 def fingerprint(model_cfg: ModelConfig, cfg: TrainConfig, data_md5: str) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed: every setting but the epoch count, and the data."""
-    train = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "epochs"}
+    """What a checkpoint must match to be resumed: every setting but the epoch count and the number
+    of processes and machines (same math on any), and the data."""
+    train = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("epochs", *PARALLEL_KEYS)}
     return {"model": dataclasses.asdict(model_cfg), "train": train, "data_md5": data_md5}
 
 
@@ -135,6 +70,43 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
     return ", ".join(parts)
 
 
+def build(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
+    """The seeded network on `device`; built on the CPU: initial weights depend on the seed only."""
+    make_deterministic(cfg.seed)
+    model = build_model(model_cfg).to(device)
+    if cfg.channels_last:  # NHWC convolutions: faster on CPUs and tensor cores
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def launch(cfg: TrainConfig, checkpoint: Path) -> None:
+    """train.nproc x train.nnodes > 1: start this machine's workers through torchrun's elastic agent."""
+    distributed.check_devices(cfg.nproc, pick_device(cfg.device, "train.device"))
+    if cfg.nnodes == 1 or distributed.node_rank(cfg.nnodes) == 0:
+        tracking.connect()  # rank 0 will log: a dead server fails now, before any process starts
+    try:
+        distributed.launch(cfg.nproc, cfg.nnodes, cfg.rdzv_endpoint, sys.argv[1:])
+    except (distributed.WorkerFailed, KeyboardInterrupt) as e:
+        if checkpoint.is_file():
+            note = f"{checkpoint} keeps the last complete epoch; run again to resume (any train.nproc)"
+            if isinstance(e, KeyboardInterrupt):
+                e.add_note(note)
+            else:
+                e.args = (f"{e}; {note}",)
+        raise
+
+
+def follow(args: argparse.Namespace, model_cfg: ModelConfig, cfg: TrainConfig, world: World, device) -> None:
+    """A rank other than 0: compute only. Rank 0 reads the checkpoint, talks to MLflow and writes."""
+    logging.getLogger("pipeline").setLevel(logging.WARNING)  # rank 0 reports progress
+    train_split = tuple(t.to(device) for t in load_split(args.data / "train.pt"))
+    val_split = tuple(t.to(device) for t in load_split(args.data / "val.pt"))
+    resume = distributed.broadcast(None, world)
+    model = build(model_cfg, cfg, device)
+    with distributed.failing_together(world):
+        fit(model, train_split, val_split, cfg, resume, world=world)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", type=Path, default=Path("data/processed"))
@@ -146,19 +118,39 @@ def main() -> None:
     model_cfg = load_section("model", ModelConfig)
     cfg = load_section("train", TrainConfig)
     mlflow_cfg = load_section("mlflow", MlflowConfig)
-    device = pick_device(cfg.device, "train.device")
+    if not distributed.under_torchrun():
+        if cfg.nproc * cfg.nnodes > 1:
+            return launch(cfg, args.checkpoint)
+        world, device = distributed.ALONE, pick_device(cfg.device, "train.device")
+    else:  # a worker of torchrun (by hand, or started by launch above)
+        world, device = distributed.join(cfg.device, cfg.batch_size)
+    try:
+        if world.rank == 0:
+            write(args, model_cfg, cfg, mlflow_cfg, world, device)
+        else:
+            follow(args, model_cfg, cfg, world, device)
+    finally:
+        distributed.leave(world)
+
+
+def write(
+    args: argparse.Namespace,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    mlflow_cfg: MlflowConfig,
+    world: World,
+    device: torch.device,
+) -> None:
+    """Rank 0, or the only process: train, and log, checkpoint and save what it trained."""
     tracking.connect()  # the repository's store, or a server that fails now if dead, before any work
     train_x, train_y = load_split(args.data / "train.pt")
     val_x, val_y = load_split(args.data / "val.pt")
     with open(args.data / "train.pt", "rb") as f:
         data_md5 = hashlib.file_digest(f, "md5").hexdigest()  # streamed: no second copy in memory
     expected = fingerprint(model_cfg, cfg, data_md5)
-    resume = load_checkpoint(args.checkpoint, expected, cfg.epochs)
+    resume = distributed.broadcast(load_checkpoint(args.checkpoint, expected, cfg.epochs), world)
 
-    make_deterministic(cfg.seed)
-    model = build_model(model_cfg).to(device)  # built on the CPU: initial weights depend on the seed only
-    if cfg.channels_last:  # NHWC convolutions: faster on CPUs and tensor cores
-        model = model.to(memory_format=torch.channels_last)
+    model = build(model_cfg, cfg, device)
     run_id = resume["run_id"] if resume else None
     name = tracking.run_name(model_cfg, cfg)
     with tracking.start_run(mlflow_cfg, name, run_id=run_id, system_metrics=True) as run:
@@ -168,6 +160,7 @@ def main() -> None:
             tracking.log_dataset(train_x, train_y, str(args.data / "train.pt"), "mnist-train", "training")
         precision = "bf16" if autocast_dtype(cfg.precision, device) else "fp32"
         tags = {**device_tags(device), "precision": precision, "data.train_md5": data_md5}
+        tags |= {"world_size": str(world.size), "backend": world.backend}
         if dvc_hash := tracking.dvc_out_hash(args.data.as_posix()):
             tags["data.dvc_md5"] = dvc_hash
         if commit := tracking.git_commit(ignore=("params.yaml", "dvc.lock", args.out.as_posix())):
@@ -181,7 +174,8 @@ def main() -> None:
 
         train_split = (train_x.to(device), train_y.to(device))
         try:
-            history = fit(model, train_split, (val_x.to(device), val_y.to(device)), cfg, resume, on_epoch)
+            with distributed.failing_together(world):
+                history = fit(model, train_split, (val_x.to(device), val_y.to(device)), cfg, resume, on_epoch, world)
         except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: pipeline.errors.run_stage prints this note
             if args.checkpoint.is_file():
                 e.add_note(f"{args.checkpoint} keeps the last complete epoch; run again to resume")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from pipeline import download, evaluate, files, preprocess, train
+from pipeline import download, engine, evaluate, files, preprocess, train
 from pipeline.errors import DataError, PipelineError, run_stage
 from pipeline.mnist import idx_bytes
 
@@ -69,7 +69,7 @@ def test_nan_loss_stops_training_names_epoch_and_batch_and_fails_the_run(process
 
 def test_ctrl_c_marks_run_killed_and_keeps_checkpoint(processed, monkeypatch) -> None:
     calls = []
-    real = train.train_one_epoch
+    real = engine.train_one_epoch
 
     def interrupted_in_second_epoch(*args, **kwargs):
         calls.append(1)
@@ -77,7 +77,7 @@ def test_ctrl_c_marks_run_killed_and_keeps_checkpoint(processed, monkeypatch) ->
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train, "train_one_epoch", interrupted_in_second_epoch)
+    monkeypatch.setattr(engine, "train_one_epoch", interrupted_in_second_epoch)
     monkeypatch.setattr("sys.argv", ["train", "--checkpoint", "ckpt.pt"])
     with pytest.raises(SystemExit) as exit_:
         run_stage(train.main)
