@@ -132,8 +132,10 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         x32 = x.float()  # statistics in fp32, also under bf16 autocast
         dims = (0, 2, 3)
-        count = _AllSum.apply(torch.tensor(float(x.numel() // x.shape[1])))
-        mean = _AllSum.apply(x32.sum(dims)) / count  # (C,)
+        # One all-reduce for the sums and the count of values per channel, one for the variance.
+        local = torch.cat([x32.sum(dims), x32.new_tensor([x.numel() // x.shape[1]])])
+        total = _AllSum.apply(local)  # (C + 1,)
+        count, mean = total[-1], total[:-1] / total[-1]  # (), (C,)
         centred = x32 - mean[None, :, None, None]
         var = _AllSum.apply(centred.square().sum(dims)) / count  # biased, as BatchNorm normalizes
         with torch.no_grad():  # running stats as BatchNorm2d keeps them (unbiased variance)

@@ -18,7 +18,7 @@ from pipeline import distributed, tracking
 from pipeline.data import load_split
 from pipeline.distributed import World
 from pipeline.engine import TrainingDiverged, fit  # noqa: F401 (TrainingDiverged: train's error)
-from pipeline.errors import run_stage
+from pipeline.errors import ParamsError, run_stage
 from pipeline.files import atomic_path
 from pipeline.model import build_model
 from pipeline.params import MlflowConfig, ModelConfig, TrainConfig, load_section
@@ -101,7 +101,14 @@ def follow(args: argparse.Namespace, model_cfg: ModelConfig, cfg: TrainConfig, w
     logging.getLogger("pipeline").setLevel(logging.WARNING)  # rank 0 reports progress
     train_split = tuple(t.to(device) for t in load_split(args.data / "train.pt"))
     val_split = tuple(t.to(device) for t in load_split(args.data / "val.pt"))
-    resume = distributed.broadcast(None, world)
+    with open(args.data / "train.pt", "rb") as f:
+        ours = fingerprint(model_cfg, cfg, hashlib.file_digest(f, "md5").hexdigest())
+    theirs, resume = distributed.broadcast(None, world)
+    if ours != theirs:  # another machine's params.yaml or data: the ranks would not compute the same thing
+        raise ParamsError(
+            f"rank {world.rank}: params.yaml or {args.data} differ from rank 0's ({_differences(theirs, ours)}); "
+            "every machine needs the same params and data"
+        )
     model = build(model_cfg, cfg, device)
     with distributed.failing_together(world):
         fit(model, train_split, val_split, cfg, resume, world=world)
@@ -148,7 +155,8 @@ def write(
     with open(args.data / "train.pt", "rb") as f:
         data_md5 = hashlib.file_digest(f, "md5").hexdigest()  # streamed: no second copy in memory
     expected = fingerprint(model_cfg, cfg, data_md5)
-    resume = distributed.broadcast(load_checkpoint(args.checkpoint, expected, cfg.epochs), world)
+    resume = load_checkpoint(args.checkpoint, expected, cfg.epochs)
+    distributed.broadcast((expected, resume), world)  # the other ranks check their settings against ours
 
     model = build(model_cfg, cfg, device)
     run_id = resume["run_id"] if resume else None

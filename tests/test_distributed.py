@@ -134,12 +134,12 @@ class socket_listening:
 
 @pytest.mark.slow
 def test_two_process_stage_one_run_a_killed_rank_stops_the_job_and_it_resumes_on_one(processed, monkeypatch) -> None:
-    """The real train stage with train.nproc=2 (torchrun's agent, gloo); SIGKILL rank 1 mid-epoch 2."""
+    """The real train stage with train.nproc=2 (torchrun's agent, gloo); SIGKILL rank 1 in epoch 2."""
     from mlflow import MlflowClient
 
     from pipeline import train
 
-    set_params(processed, "train", epochs=3, batch_size=4, nproc=2)
+    set_params(processed, "train", epochs=2, batch_size=4, nproc=2)
     set_params(processed, "model", nf=32)  # slow enough to be killed mid-training
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "pipeline.train", "--out", "models", "--checkpoint", "ckpt.pt"]
@@ -161,7 +161,7 @@ def test_two_process_stage_one_run_a_killed_rank_stops_the_job_and_it_resumes_on
     assert last == expected, stderr
     assert "Traceback" not in stderr and not (processed / "models").exists()
     checkpoint = torch.load(processed / "ckpt.pt", weights_only=True)
-    assert len(checkpoint["history"]) in (1, 2)
+    assert len(checkpoint["history"]) == 1
     client = MlflowClient()
     (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])  # one writer, one run
     assert run.info.run_id == checkpoint["run_id"] and run.info.status in ("FAILED", "KILLED")
@@ -172,7 +172,7 @@ def test_two_process_stage_one_run_a_killed_rank_stops_the_job_and_it_resumes_on
     run_main(train, monkeypatch, "--out", "models", "--checkpoint", "ckpt.pt")
     (run,) = client.search_runs([run.info.experiment_id])
     assert run.info.run_id == checkpoint["run_id"] and run.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [1, 2, 3]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [1, 2]
     saved = torch.load(processed / "models/model.pt", weights_only=True)
     assert saved["history"][: len(checkpoint["history"])] == checkpoint["history"]
     assert not (processed / "ckpt.pt").exists()
