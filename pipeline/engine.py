@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from pipeline import distributed
+from pipeline import distributed, graphs
 from pipeline.distributed import ALONE, World
 from pipeline.errors import PipelineError
 from pipeline.params import TrainConfig
@@ -37,9 +37,11 @@ def train_one_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     autocast: torch.dtype | None = None,
     world: World = ALONE,
+    captured: graphs.CapturedStep | None = None,
 ) -> dict[str, float]:
     """One pass over (images, labels) in a seeded random order, in global batches of `batch_size`
-    of which this rank takes its share (see distributed.shard).
+    of which this rank takes its share (see distributed.shard); full batches through `captured`
+    (a CUDA graph) when given.
 
     Returns mean loss and accuracy over all ranks, and `first_bad_batch`: the 1-based batch whose
     loss was NaN or infinite on any rank, or -1.
@@ -55,9 +57,16 @@ def train_one_epoch(
     first_bad = torch.full((), n + 1, dtype=torch.long, device=images.device)
     batches = range(0, n, batch_size)
     progress = tqdm(batches, desc=desc, unit="batch", leave=False, disable=None if world.rank == 0 else True)
+    if captured is not None:
+        captured.start_epoch()
     for batch, start in enumerate(progress, 1):
         idx = order[start : start + batch_size]
         m = len(idx)  # this global batch (the last one may be short)
+        if captured is not None and m == batch_size:
+            captured.run(idx)
+            if scheduler is not None:
+                scheduler.step()
+            continue
         idx = distributed.shard(idx, world)
         x, y = images[idx], labels[idx]  # (B / world, 1, 28, 28) uint8, (B / world,)
         with torch.autocast(images.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
@@ -74,6 +83,9 @@ def train_one_epoch(
         loss_sum += loss.detach() * (m / world.size)  # this rank's sum of per-image losses
         correct += (logits.argmax(1) == y).sum()
         first_bad = torch.where((first_bad > n) & ~loss.detach().isfinite(), batch, first_bad)
+    if captured is not None:  # its batches came first: its count is their batch number
+        loss_sum, correct = loss_sum + captured.loss_sum, correct + captured.correct
+        first_bad = torch.minimum(first_bad, captured.first_bad)
     totals = distributed.all_sum(torch.stack([loss_sum.double(), correct.double()]), world)
     bad = int(distributed.all_min(first_bad, world))
     return {"loss": totals[0].item() / n, "accuracy": totals[1].item() / n, "first_bad_batch": bad if bad <= n else -1}
@@ -117,10 +129,12 @@ def fit(
     resume: dict[str, Any] | None = None,
     on_epoch: Callable[[dict[str, float], dict[str, Any]], None] | None = None,
     world: World = ALONE,
+    cuda_graphs: bool | None = None,
 ) -> list[dict[str, float]]:
     """Train up to cfg.epochs, continuing from a `resume` state; after each epoch record train and
     val loss/accuracy and hand the row and the full training state to `on_epoch`. With several
-    ranks, `model` ends with the weights every rank agrees on."""
+    ranks, `model` ends with the weights every rank agrees on. `cuda_graphs`: capture the step
+    (None: on CUDA with one process; a failed capture falls back to eager, logged once)."""
     history: list[dict[str, float]] = []
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -135,15 +149,23 @@ def fit(
     generator = torch.Generator().manual_seed(cfg.seed)
     autocast = autocast_dtype(cfg.precision, train[0].device)
     if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
+        optimizer.load_state_dict(graphs.eager_optimizer_state(resume["optimizer"]))
         if scheduler is not None:
             scheduler.load_state_dict(resume["scheduler"])
         generator.set_state(resume["generator"])
         torch.set_rng_state(resume["torch_rng"])
+    if cuda_graphs is None:
+        cuda_graphs = train[0].device.type == "cuda" and world.size == 1
+    captured = None
+    if cuda_graphs and world.size == 1 and len(train[0]) >= cfg.batch_size and len(history) < cfg.epochs:
+        captured = graphs.capture(net, optimizer, *train, cfg.batch_size, autocast)
     for epoch in range(len(history) + 1, cfg.epochs + 1):
         start = time.perf_counter()
         desc = f"epoch {epoch}/{cfg.epochs}"
-        tr = train_one_epoch(net, *train, cfg.batch_size, optimizer, generator, desc, scheduler, autocast, world)
+        tr = train_one_epoch(
+            net, *train, cfg.batch_size, optimizer, generator, desc, scheduler, autocast, world, captured
+        )
+        train_seconds = time.perf_counter() - start  # train_one_epoch ends reading its sums: synced
         if tr["first_bad_batch"] >= 0:
             raise TrainingDiverged(
                 f"loss became NaN or infinite at epoch {epoch}, batch {tr['first_bad_batch']} "
@@ -173,7 +195,7 @@ def fit(
                 "torch_rng": torch.get_rng_state(),
                 "history": history,
             }
-            on_epoch({**row, "epoch_seconds": seconds}, state)
+            on_epoch({**row, "epoch_seconds": seconds, "train_seconds": train_seconds}, state)
     if net is not model:
         distributed.check_in_sync(net.module, world)
         model.load_state_dict(net.module.state_dict())
