@@ -154,10 +154,8 @@ def fit(
             scheduler.load_state_dict(resume["scheduler"])
         generator.set_state(resume["generator"])
         torch.set_rng_state(resume["torch_rng"])
-    if cuda_graphs is None:
-        cuda_graphs = train[0].device.type == "cuda" and world.size == 1
     captured = None
-    if cuda_graphs and world.size == 1 and len(train[0]) >= cfg.batch_size and len(history) < cfg.epochs:
+    if graphs.wanted(train[0].device, world.size, cuda_graphs) and len(train[0]) >= cfg.batch_size:
         captured = graphs.capture(net, optimizer, *train, cfg.batch_size, autocast)
     for epoch in range(len(history) + 1, cfg.epochs + 1):
         start = time.perf_counter()

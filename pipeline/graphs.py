@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -78,9 +79,10 @@ class CapturedStep:
             torch.cuda.current_stream(device).wait_stream(stream)
         _restore(self.model, self.optimizer, saved)
         self.optimizer.zero_grad(set_to_none=True)  # the graph allocates the gradients it writes
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._step()
+        self.graph = record(self._step)
+        # The gradients it writes live in the graph's memory pool; the eager short batch drops them
+        # from .grad (zero_grad): keep them referenced for as long as the graph.
+        self.grads = [p.grad for g in self.optimizer.param_groups for p in g["params"]]
 
     def _step(self) -> None:
         x, y = self.images[self.idx], self.labels[self.idx]  # (B, 1, 28, 28) uint8, (B,)
@@ -110,6 +112,22 @@ class CapturedStep:
             beta1.fill_(g["betas"][0])
             beta2.fill_(g["betas"][1])
         self.graph.replay()
+
+
+def record(step: Callable[[], None]) -> torch.cuda.CUDAGraph:
+    """`step` captured as a CUDA graph (not run: `replay()` runs it)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
+
+
+def wanted(device: torch.device, world_size: int, requested: bool | None) -> bool:
+    """Whether to try the captured step: asked for, or by default on CUDA with one process (DDP's
+    gradient all-reduce is not captured here)."""
+    if requested is None:
+        return device.type == "cuda" and world_size == 1
+    return requested and world_size == 1
 
 
 def capture(
@@ -151,13 +169,17 @@ def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict, ba
         for t, old in zip((*model.parameters(), *model.buffers()), saved["tensors"], strict=True):
             t.copy_(old)
     for p in list(optimizer.state):
-        if p not in saved["state"]:
-            del optimizer.state[p]  # created by the warm-up: a fresh optimizer has none
-        elif back_to_eager:
-            optimizer.state[p] = saved["state"][p]
-        else:
+        if back_to_eager:  # as it was: none for a fresh optimizer, the step counts on the CPU
+            if p in saved["state"]:
+                optimizer.state[p] = saved["state"][p]
+            else:
+                del optimizer.state[p]
+        elif p in saved["state"]:
             for k, v in optimizer.state[p].items():
                 v.copy_(saved["state"][p][k])
+        else:  # created by the warm-up: kept (the graph must not allocate and zero it each replay), zeroed
+            for v in optimizer.state[p].values():
+                v.zero_()  # = a fresh Adam's state: step 0, both moments 0
     if back_to_eager:
         for g, old in zip(optimizer.param_groups, saved["groups"], strict=True):
             g.update(old)

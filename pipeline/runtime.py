@@ -48,13 +48,26 @@ def make_deterministic(seed: int) -> None:
 
 
 def device_tags(device: torch.device) -> dict[str, str]:
-    """What ran the work: device, and the torch/CUDA/cuDNN versions."""
+    """What ran the work: device, and the torch/CUDA/cuDNN versions and the GPU's driver."""
     tags = {"device": str(device), "torch_version": torch.__version__}
     if device.type == "cuda":
         tags["cuda_version"] = str(torch.version.cuda)
         tags["cudnn_version"] = str(torch.backends.cudnn.version())
         tags["device_name"] = torch.cuda.get_device_name(device)
+        tags["gpu_driver_version"] = gpu_driver_version() or "unknown"
     return tags
+
+
+def gpu_driver_version() -> str | None:
+    """The NVIDIA driver's version through NVML (nvidia-ml-py, which MLflow's GPU metrics use too)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        version = pynvml.nvmlSystemGetDriverVersion()
+    except Exception:  # not installed, no NVIDIA driver
+        return None
+    return version.decode() if isinstance(version, bytes) else str(version)
 
 
 def tune_malloc() -> None:

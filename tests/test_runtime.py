@@ -48,6 +48,8 @@ def test_cuda_runs_are_tagged_with_versions_and_device_name(monkeypatch) -> None
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91300)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H100 80GB HBM3")
+    assert runtime.gpu_driver_version() is None or torch.cuda.is_available()  # no NVIDIA driver: None, no error
+    monkeypatch.setattr(runtime, "gpu_driver_version", lambda: "570.124.06")
     tags = runtime.device_tags(torch.device("cuda"))
     assert tags == {
         "device": "cuda",
@@ -55,6 +57,7 @@ def test_cuda_runs_are_tagged_with_versions_and_device_name(monkeypatch) -> None
         "cuda_version": "13.0",
         "cudnn_version": "91300",
         "device_name": "NVIDIA H100 80GB HBM3",
+        "gpu_driver_version": "570.124.06",
     }
     assert runtime.device_tags(torch.device("cpu")) == {"device": "cpu", "torch_version": torch.__version__}
 
