@@ -14,7 +14,7 @@ import mlflow
 import pandas as pd
 import torch
 
-from pipeline import distributed, tracking
+from pipeline import distributed, launch, tracking
 from pipeline.data import load_split
 from pipeline.distributed import World
 from pipeline.engine import TrainingDiverged, fit  # noqa: F401 (TrainingDiverged: train's error)
@@ -79,14 +79,14 @@ def build(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device) -> tor
     return model
 
 
-def launch(cfg: TrainConfig, checkpoint: Path) -> None:
+def start_workers(cfg: TrainConfig, checkpoint: Path) -> None:
     """train.nproc x train.nnodes > 1: start this machine's workers through torchrun's elastic agent."""
-    distributed.check_devices(cfg.nproc, pick_device(cfg.device, "train.device"))
-    if cfg.nnodes == 1 or distributed.node_rank(cfg.nnodes) == 0:
+    launch.check_devices(cfg.nproc, pick_device(cfg.device, "train.device"))
+    if cfg.nnodes == 1 or launch.node_rank(cfg.nnodes) == 0:
         tracking.connect()  # rank 0 will log: a dead server fails now, before any process starts
     try:
-        distributed.launch(cfg.nproc, cfg.nnodes, cfg.rdzv_endpoint, sys.argv[1:])
-    except (distributed.WorkerFailed, KeyboardInterrupt) as e:
+        launch.start(cfg.nproc, cfg.nnodes, cfg.rdzv_endpoint, sys.argv[1:])
+    except (launch.WorkerFailed, KeyboardInterrupt) as e:
         if checkpoint.is_file():
             note = f"{checkpoint} keeps the last complete epoch; run again to resume (any train.nproc)"
             if isinstance(e, KeyboardInterrupt):
@@ -127,9 +127,9 @@ def main() -> None:
     mlflow_cfg = load_section("mlflow", MlflowConfig)
     if not distributed.under_torchrun():
         if cfg.nproc * cfg.nnodes > 1:
-            return launch(cfg, args.checkpoint)
+            return start_workers(cfg, args.checkpoint)
         world, device = distributed.ALONE, pick_device(cfg.device, "train.device")
-    else:  # a worker of torchrun (by hand, or started by launch above)
+    else:  # a worker of torchrun (by hand, or started by start_workers above)
         world, device = distributed.join(cfg.device, cfg.batch_size)
     try:
         if world.rank == 0:

@@ -4,6 +4,7 @@ Spawned workers import this module: it imports the compute core only (no MLflow)
 """
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipeline import distributed, engine
+from pipeline import distributed, engine, launch
 from pipeline.distributed import World
 from pipeline.errors import ParamsError, PipelineError
 from pipeline.model import build_model
@@ -61,6 +62,26 @@ def test_ranks_split_each_global_batch_into_equal_contiguous_shares() -> None:
     assert distributed.shard(batch, distributed.ALONE) is batch
 
 
+def test_parallel_params_are_validated_with_their_keys() -> None:
+    cases = {
+        "train.nproc must be an integer >= 1, got 0": {"nproc": 0},
+        "train.device must be auto, cuda or cpu with several training processes, got 'cuda:1'": {
+            "nproc": 2,
+            "device": "cuda:1",
+        },
+        "train.rdzv_endpoint must be null or host:port of node 0, got 'gpu0'": {"nnodes": 2, "rdzv_endpoint": "gpu0"},
+        "train.batch_size must be divisible by the number of training processes, train.nproc x train.nnodes = 6": {
+            "nproc": 3,
+            "nnodes": 2,
+            "rdzv_endpoint": "gpu0:29500",
+        },
+    }
+    for message, values in cases.items():
+        with pytest.raises(ParamsError, match=re.escape(message)):
+            TrainConfig(**values)
+    assert TrainConfig(nproc=2, nnodes=2, rdzv_endpoint="gpu0.internal:29500", batch_size=64).nnodes == 2
+
+
 @pytest.mark.slow
 def test_two_gloo_ranks_match_one_process_agree_and_repeat_bit_for_bit(tmp_path) -> None:
     mp.spawn(ddp_worker, args=(2, tmp_path), nprocs=2)
@@ -98,8 +119,8 @@ def test_bad_parallel_settings_fail_in_one_line_before_any_work(processed, monke
 
     set_params(processed, "train", nproc=2, batch_size=33)
     fails(r"train.batch_size must be divisible by the number of training processes.* = 2, got 33")
-    set_params(processed, "train", nproc=distributed.usable_cpus() + 1, batch_size=32 * distributed.usable_cpus() + 32)
-    fails(rf"train.nproc is {distributed.usable_cpus() + 1} but this machine has {distributed.usable_cpus()} CPU")
+    set_params(processed, "train", nproc=launch.usable_cpus() + 1, batch_size=32 * launch.usable_cpus() + 32)
+    fails(rf"train.nproc is {launch.usable_cpus() + 1} but this machine has {launch.usable_cpus()} CPU")
     set_params(processed, "train", nproc=1, nnodes=2, batch_size=32, rdzv_endpoint=None)
     fails("train.rdzv_endpoint must be host:port of node 0 when train.nnodes is 2")
     set_params(processed, "train", rdzv_endpoint="no-such-host.invalid:29500")
@@ -107,15 +128,15 @@ def test_bad_parallel_settings_fail_in_one_line_before_any_work(processed, monke
     set_params(processed, "train", rdzv_endpoint="192.0.2.1:29500")  # TEST-NET-1: no machine's own address
     fails("node 0 hosts the rendezvous, but 192.0.2.1:29500 is not an address of this machine", PipelineError)
     with socket_listening() as port:  # node 1 where node 0's port answers: the check passes...
-        distributed.check_endpoint(f"127.0.0.1:{port}", rank=1, wait=1)
+        launch.check_endpoint(f"127.0.0.1:{port}", rank=1, wait=1)
     # ... and where nothing listens it gives up after its wait (60 s in use, 0.5 s here).
-    monkeypatch.setattr(distributed, "RDZV_WAIT", 0.5)
+    monkeypatch.setattr(launch, "RDZV_WAIT", 0.5)
     monkeypatch.setenv("NODE_RANK", "1")
     set_params(processed, "train", rdzv_endpoint=f"127.0.0.1:{port}")
     fails(rf"train.rdzv_endpoint 127.0.0.1:{port} is unreachable from this machine after 0.5 s", PipelineError)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ParamsError, match=r"train.nproc is 2 but this machine has 1 CUDA device\(s\)"):
-        distributed.check_devices(2, torch.device("cuda"))
+        launch.check_devices(2, torch.device("cuda"))
     assert MlflowClient().search_experiments(filter_string="name = 'tests'") == []  # no run was started
 
 
