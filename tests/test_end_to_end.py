@@ -161,10 +161,7 @@ def test_a_queued_sweep_runs_in_parallel_each_experiment_one_named_run_in_the_re
 
     client = client_of(repo)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.sweep = 'grid'")
-    (parent,) = [r for r in runs if r.data.tags.get("sweep.role") == "parent"]
-    runs = [r for r in runs if r.info.run_id != parent.info.run_id]
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
-    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in runs)
     assert sorted(r.data.params["train.lr"] for r in runs) == ["0.002", "0.004"]
     a, b = runs
     assert a.info.start_time < b.info.end_time and b.info.start_time < a.info.end_time  # they ran at once
