@@ -18,10 +18,12 @@ def train_one_epoch(
     desc: str = "train",
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     autocast: torch.dtype | None = None,
+    label_smoothing: float = 0.0,
 ) -> dict[str, float]:
     """One pass over (images, labels) in a seeded random order.
 
-    Returns mean loss and accuracy, and `first_bad_batch`: the 1-based batch whose loss was NaN or
+    The loss is cross-entropy against targets smoothed by `label_smoothing`. Returns mean loss and
+    accuracy, and `first_bad_batch`: the 1-based batch whose loss was NaN or
     infinite, or -1.
     """
     model.train()
@@ -37,7 +39,7 @@ def train_one_epoch(
         x, y = images[idx], labels[idx]  # (B, 1, 28, 28) uint8, (B,)
         with torch.autocast(images.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -62,7 +62,9 @@ def fit(
     for epoch in range(len(history) + 1, cfg.epochs + 1):
         start = time.perf_counter()
         desc = f"epoch {epoch}/{cfg.epochs}"
-        tr = train_one_epoch(model, *train, cfg.batch_size, optimizer, generator, desc, scheduler, autocast)
+        tr = train_one_epoch(
+            model, *train, cfg.batch_size, optimizer, generator, desc, scheduler, autocast, cfg.label_smoothing
+        )
         if tr["first_bad_batch"] >= 0:
             raise TrainingDiverged(
                 f"loss became NaN or infinite at epoch {epoch}, batch {tr['first_bad_batch']} "
