@@ -16,7 +16,7 @@ from pipeline import registry, tracking
 from pipeline.data import IMAGE_SIZE, NUM_CLASSES, load_split
 from pipeline.engine import predict
 from pipeline.errors import run_stage
-from pipeline.files import atomic_path, write_json
+from pipeline.files import atomic_path, check_writable, write_json
 from pipeline.model import load_checkpoint
 from pipeline.params import EvaluateConfig, ModelConfig, RegisterConfig, load_section
 from pipeline.runtime import pick_device
@@ -96,6 +96,7 @@ def main() -> None:
     model_cfg = load_section("model", ModelConfig)
     register_cfg = load_section("register", RegisterConfig)
     device = pick_device(cfg.device, "evaluate.device")
+    check_writable(args.out)
     images, labels = load_split(args.data / "test.pt")
     model = load_checkpoint(args.models / "model.pt", expected=model_cfg).to(device)
 
