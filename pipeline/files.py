@@ -75,9 +75,10 @@ def save_torch(path: Path, obj: Any) -> None:
 
 
 def check_writable(*folders: Path) -> None:
-    """Fail now, naming the folder, if a file cannot be created in each of `folders` (created if
-    missing): before hours of work, not after. Root ignores permission bits, so try for real."""
+    """Fail now, naming the folder, if files cannot be created in each of `folders`: before hours of
+    work, not after. Root ignores permission bits, so this tries for real, in the folder or, if it
+    does not exist yet, in the nearest folder above it, and leaves nothing behind."""
     for folder in folders:
+        existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
         with explained(folder):
-            folder.mkdir(parents=True, exist_ok=True)
-            tempfile.TemporaryFile(dir=folder).close()
+            tempfile.TemporaryFile(dir=existing).close()
