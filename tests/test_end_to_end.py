@@ -258,6 +258,29 @@ def test_plots_show_and_diff_draw_offline_in_a_browser(repo, tmp_path) -> None:
             assert {point["rev"] for point in spec["data"]["values"]} == revisions, plot_id
 
 
+def test_a_second_repro_at_once_stops_with_dvc_lock_message_and_the_first_finishes(repo) -> None:
+    before = md5(repo / "models/model.pt")
+    first = subprocess.Popen(
+        ["dvc", "repro", "--force", "--single-item", "train"],
+        cwd=repo,
+        env=sh_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not (repo / ".dvc/tmp/rwlock").exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1)  # the first holds the repository lock while its stage runs
+    start = time.monotonic()
+    out = sh(repo, "dvc", "repro", ok=False)
+    assert time.monotonic() - start < 10, "the second repro waited instead of stopping"
+    assert "is busy, it is being blocked by" in out and "dvc repro --force" in out, out  # DVC names the holder
+    assert first.wait(timeout=300) == 0, first.stdout.read()
+    assert md5(repo / "models/model.pt") == before  # the first's output, whole (and deterministic)
+    sh(repo, "dvc", "repro")  # evaluate, for the new run the first made
+
+
 def test_dvc_remote_carries_results_to_a_fresh_clone(repo, tmp_path) -> None:
     """push from this clone, pull into a new one: nothing to reproduce there."""
     sh(repo, "dvc", "repro")  # whatever the tests above changed, bring the workspace up to date
