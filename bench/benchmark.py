@@ -33,21 +33,12 @@ from pipeline.data import load_split
 from pipeline.engine import EVAL_BATCH_SIZE, evaluate, train_one_epoch
 from pipeline.model import build_model
 from pipeline.params import ModelConfig, TrainConfig, load_section
+from pipeline.recipe import load_recipe
 from pipeline.runtime import autocast_dtype, cpu_has_native_bf16, make_deterministic, tune_malloc
 
-# The fast recipes of the README, as params overrides, and how many seeds each is averaged over.
-RECIPES = {
-    "fast recipe (tutorial net, onecycle)": (
-        {"arch": "tutorial", "nf": 32},
-        {"epochs": 3, "batch_size": 128, "lr": 3e-3, "betas": [0.9, 0.999], "schedule": "onecycle"},
-        1,
-    ),
-    "fast arch (model.arch=fast)": (
-        {"arch": "fast", "nf": 16},
-        {"epochs": 2, "batch_size": 256, "lr": 2e-2, "betas": [0.9, 0.999], "schedule": "onecycle"},
-        3,
-    ),
-}
+# The recipes (recipes/*.yaml) timed to accuracy, and the seeds each is trained with: every one
+# must reach the goal, not just their mean (`fast`: 99.0% in <= 4 s of training on 2 cores).
+RECIPE_SEEDS = {"fast": (0, 1, 2, 3, 42), "tutorial-fast": (0,)}
 
 
 def cpu_model() -> str:
@@ -130,10 +121,13 @@ def tutorial_path(model_cfg: ModelConfig, cfg: TrainConfig, steps: int, raw: Pat
         return step_rate(step, steps, 64)
 
 
-def recipe(model_over: dict, train_over: dict, seed: int, data: Path) -> dict[str, float]:
-    """Train a recipe on the real data; return training seconds and test accuracy."""
-    model_cfg = ModelConfig(**model_over)
-    cfg = TrainConfig(**{**train_over, "seed": seed, "device": "cpu", "precision": "auto"})
+def recipe(name: str, seed: int, data: Path) -> dict[str, float]:
+    """Train a recipe (over params.yaml's values) on the real data; return training seconds and test accuracy."""
+    over = load_recipe(name)
+    model_cfg = dataclasses.replace(load_section("model", ModelConfig), **over.get("model", {}))
+    cfg = dataclasses.replace(
+        load_section("train", TrainConfig), **over.get("train", {}), seed=seed, device="cpu", precision="auto"
+    )
     from pipeline.train import fit  # the stage's own loop (a benchmark, not a stage, may import it)
 
     train, val, test = (load_split(data / f"{s}.pt") for s in ("train", "val", "test"))
@@ -215,12 +209,15 @@ def main() -> None:
     }
     if args.recipes:
         results["recipes"] = {}
-        for name, (model_over, train_over, seeds) in RECIPES.items():
-            runs = [recipe(model_over, train_over, seed, args.data) for seed in range(seeds)]
+        for name, seeds in RECIPE_SEEDS.items():
+            runs = {seed: recipe(name, seed, args.data) for seed in seeds}
+            print(f"recipe {name}: {runs}", flush=True)
             results["recipes"][name] = {
-                "train_seconds_mean": sum(r["train_seconds"] for r in runs) / len(runs),
-                "test_accuracy_mean": sum(r["test_accuracy"] for r in runs) / len(runs),
-                "runs": runs,
+                "train_seconds_mean": sum(r["train_seconds"] for r in runs.values()) / len(runs),
+                "train_seconds_max": max(r["train_seconds"] for r in runs.values()),
+                "test_accuracy_mean": sum(r["test_accuracy"] for r in runs.values()) / len(runs),
+                "test_accuracy_min": min(r["test_accuracy"] for r in runs.values()),
+                "seeds": runs,
             }
     if args.repro:
         results["dvc_repro_seconds"] = repro_times()

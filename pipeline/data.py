@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import DataError
-from pipeline.files import atomic_path
+from pipeline.files import save_torch
 
 IMAGE_SIZE = 28  # MNIST images are 28x28, one channel
 NUM_CLASSES = 10
@@ -15,8 +15,7 @@ NUM_CLASSES = 10
 
 def save_split(path: Path, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> None:
     """Save uint8 images (N, 28, 28), int64 labels (N,) and their indices in the source file."""
-    with atomic_path(path) as tmp:
-        torch.save({"images": images.contiguous(), "labels": labels, "indices": indices}, tmp)
+    save_torch(path, {"images": images.contiguous(), "labels": labels, "indices": indices})
 
 
 def load_split(path: Path) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from pipeline.errors import DataError, run_stage
-from pipeline.files import write_bytes
+from pipeline.files import check_writable, write_bytes
 from pipeline.mnist import FILES, sources, verify
 from pipeline.params import DownloadConfig, load_section
 
@@ -35,6 +35,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     cfg = load_section("download", DownloadConfig)
+    check_writable(args.out)
     source, files = fetch(cfg)
     for name in FILES:
         write_bytes(args.out / name, files[name])

@@ -36,6 +36,7 @@ def train_one_epoch(
     desc: str = "train",
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     autocast: torch.dtype | None = None,
+    label_smoothing: float = 0.0,
     world: World = ALONE,
     captured: graphs.CapturedStep | None = None,
 ) -> dict[str, float]:
@@ -43,8 +44,9 @@ def train_one_epoch(
     of which this rank takes its share (see distributed.shard); full batches through `captured`
     (a CUDA graph) when given.
 
-    Returns mean loss and accuracy over all ranks, and `first_bad_batch`: the 1-based batch whose
-    loss was NaN or infinite on any rank, or -1.
+    The loss is cross-entropy against targets smoothed by `label_smoothing`. Returns mean loss and
+    accuracy over all ranks, and `first_bad_batch`: the 1-based batch whose loss was NaN or
+    infinite on any rank, or -1.
     """
     model.train()
     n = len(images)
@@ -72,9 +74,10 @@ def train_one_epoch(
         with torch.autocast(images.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             logits = model(x)
             if world.size == 1:
-                loss = F.cross_entropy(logits, y)
+                loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
             else:  # DDP averages the ranks' gradients: scaled so, it is the gradient of the global mean
-                loss = F.cross_entropy(logits, y, reduction="sum") * (world.size / m)
+                loss = F.cross_entropy(logits, y, reduction="sum", label_smoothing=label_smoothing)
+                loss = loss * (world.size / m)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -156,13 +159,12 @@ def fit(
         torch.set_rng_state(resume["torch_rng"])
     captured = None
     if graphs.wanted(train[0].device, world.size, cuda_graphs) and len(train[0]) >= cfg.batch_size:
-        captured = graphs.capture(net, optimizer, *train, cfg.batch_size, autocast)
+        captured = graphs.capture(net, optimizer, *train, cfg.batch_size, autocast, cfg.label_smoothing)
     for epoch in range(len(history) + 1, cfg.epochs + 1):
         start = time.perf_counter()
         desc = f"epoch {epoch}/{cfg.epochs}"
-        tr = train_one_epoch(
-            net, *train, cfg.batch_size, optimizer, generator, desc, scheduler, autocast, world, captured
-        )
+        args = (net, *train, cfg.batch_size, optimizer, generator, desc, scheduler, autocast, cfg.label_smoothing)
+        tr = train_one_epoch(*args, world=world, captured=captured)
         train_seconds = time.perf_counter() - start  # train_one_epoch ends reading its sums: synced
         if tr["first_bad_batch"] >= 0:
             raise TrainingDiverged(

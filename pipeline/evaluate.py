@@ -13,10 +13,10 @@ from matplotlib.figure import Figure  # the object API: files only, no display b
 from torch.nn import functional as F
 
 from pipeline import registry, tracking
-from pipeline.data import NUM_CLASSES, load_split
+from pipeline.data import IMAGE_SIZE, NUM_CLASSES, load_split
 from pipeline.engine import predict
 from pipeline.errors import run_stage
-from pipeline.files import atomic_path, write_json
+from pipeline.files import atomic_path, check_writable, write_json
 from pipeline.model import load_checkpoint
 from pipeline.params import EvaluateConfig, ModelConfig, RegisterConfig, load_section
 from pipeline.runtime import pick_device
@@ -65,17 +65,22 @@ def plot_confusion(matrix: torch.Tensor, path: Path) -> None:
 def plot_misclassified(
     images: torch.Tensor, labels: torch.Tensor, predicted: torch.Tensor, path: Path, n: int = 36
 ) -> None:
+    """The first `n` misclassified test digits, 6 a row, each captioned with true and predicted class."""
     wrong = (predicted != labels).nonzero().flatten()[:n]
-    cols = 6
+    cols, side, gap = 6, IMAGE_SIZE, 12  # the gap below each digit holds its caption
     rows = max(1, -(-len(wrong) // cols))
+    # One image of all digits on one axes: 36 axes of one digit each took ~5x as long to draw.
+    mosaic = torch.full((rows * (side + gap), cols * (side + 4)), 255, dtype=torch.uint8)  # (H, W) white
     fig = Figure(figsize=(cols * 1.4, rows * 1.6))
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, i in zip(axes.flat, wrong.tolist(), strict=False):
-        ax.imshow(images[i, 0].numpy(), cmap="gray")
-        ax.set_title(f"true {labels[i].item()} / pred {predicted[i].item()}", fontsize=7)
-    fig.suptitle(f"{int((predicted != labels).sum())} misclassified test digits (first {len(wrong)})")
+    ax = fig.subplots()
+    for k, i in enumerate(wrong.tolist()):
+        top, left = (k // cols) * (side + gap), (k % cols) * (side + 4) + 2
+        mosaic[top : top + side, left : left + side] = images[i, 0]
+        caption = f"true {labels[i].item()} / pred {predicted[i].item()}"
+        ax.text(left + side / 2, top + side + gap / 2, caption, ha="center", va="center", fontsize=7)
+    ax.imshow(mosaic.numpy(), cmap="gray", vmin=0, vmax=255)
+    ax.axis("off")
+    ax.set_title(f"{int((predicted != labels).sum())} misclassified test digits (first {len(wrong)})")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
 
@@ -91,6 +96,7 @@ def main() -> None:
     model_cfg = load_section("model", ModelConfig)
     register_cfg = load_section("register", RegisterConfig)
     device = pick_device(cfg.device, "evaluate.device")
+    check_writable(args.out)
     images, labels = load_split(args.data / "test.pt")
     model = load_checkpoint(args.models / "model.pt", expected=model_cfg).to(device)
 

@@ -33,10 +33,11 @@ class CapturedStep:
         labels: torch.Tensor,
         batch_size: int,
         autocast: torch.dtype | None,
+        label_smoothing: float = 0.0,
     ) -> None:
         device = images.device
         self.model, self.optimizer, self.images, self.labels = model, optimizer, images, labels
-        self.autocast = autocast
+        self.autocast, self.label_smoothing = autocast, label_smoothing
         self.n = len(images)
         self.idx = torch.arange(batch_size, device=device)  # the graph's input: this batch's indices
         self.loss_sum = torch.zeros((), device=device)
@@ -90,7 +91,7 @@ class CapturedStep:
         on = self.autocast is not None
         with torch.autocast(x.device.type, dtype=self.autocast or torch.bfloat16, enabled=on, cache_enabled=False):
             logits = self.model(x)
-            loss = F.cross_entropy(logits, y)
+            loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         loss.backward()
         self.optimizer.step()
         loss = loss.detach()
@@ -137,10 +138,11 @@ def capture(
     labels: torch.Tensor,
     batch_size: int,
     autocast: torch.dtype | None,
+    label_smoothing: float = 0.0,
 ) -> CapturedStep | None:
     """The captured step, or None (logged once) where capture fails: train eagerly then."""
     try:
-        step = CapturedStep(model, optimizer, images, labels, batch_size, autocast)
+        step = CapturedStep(model, optimizer, images, labels, batch_size, autocast, label_smoothing)
     except Exception as e:
         reason = (str(e).strip().splitlines() or [""])[0][:200]
         log.warning("CUDA graph capture failed (%s: %s); training eagerly", type(e).__name__, reason)

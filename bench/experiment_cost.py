@@ -1,0 +1,175 @@
+"""What an experiment costs besides its training, measured on real stage processes and real DVC.
+
+    python -m bench.experiment_cost              # needs data/raw and data/processed (`dvc repro preprocess`)
+
+1. Each stage as its own process (`python -m pipeline.<stage>`, as DVC runs it) on the real data
+   with the `fast` recipe, in a scratch folder with its own MLflow store (created beforehand, as
+   in any repo after its first run): wall time; for train also the epochs' time, so that its fixed
+   cost is wall minus epochs. Each stage runs `--rounds` times; the best round counts (other load
+   on a shared machine only ever slows a run down).
+2. `dvc exp run $(python -m pipeline.recipe fast)` in a scratch copy of the repository whose
+   download and preprocess are cached: wall time against the training time inside it. Then a
+   no-op `dvc repro` there.
+3. MLflow's system metrics: CPU time its sampling thread takes per second, as a share of the
+   cores training uses.
+
+Prints a table and writes bench/experiment_cost.json. Not a test: the numbers depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import yaml
+
+from pipeline.recipe import load_recipe, set_flags
+
+REPO = Path(__file__).resolve().parents[1]
+EPOCH_LINE = re.compile(r"epoch \d+/\d+: .* \| ([\d.]+) s$", re.M)  # train's per-epoch log line
+
+
+def env(root: Path) -> dict[str, str]:
+    """The stages' environment: this interpreter's venv first on PATH, the store under `root`."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environ.get('PATH', '')}"
+    return {**environ, "DVC_ROOT": str(root), "PYTHONPATH": str(REPO)}
+
+
+def timed(cmd: list[str], cwd: Path, environ: dict[str, str]) -> tuple[float, str]:
+    start = time.perf_counter()
+    result = subprocess.run(cmd, cwd=cwd, env=environ, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
+    return seconds, result.stdout + result.stderr
+
+
+def recipe_params(recipe: str) -> dict:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in load_recipe(recipe, REPO / "recipes", REPO / "params.yaml").items():
+        params[section].update(values)
+    params["mlflow"]["experiment_name"] = "bench"
+    return params
+
+
+def stage_costs(raw: Path, recipe: str, rounds: int) -> dict[str, dict[str, float]]:
+    """Best-of-`rounds` wall time of preprocess, train and evaluate as processes; train's epoch time."""
+    stages = {
+        "preprocess": ["--raw", str(raw.resolve()), "--out", "data/processed"],
+        "train": ["--data", "data/processed", "--out", "models", "--checkpoint", "ckpt.pt"],
+        "evaluate": ["--data", "data/processed", "--models", "models", "--out", "reports"],
+    }
+    best: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        (work / "params.yaml").write_text(yaml.safe_dump(recipe_params(recipe), sort_keys=False))
+        environ = env(work)
+        for round_ in range(rounds + 1):  # round 0 creates the MLflow store and is not counted
+            for stage, argv in stages.items():
+                seconds, log = timed([sys.executable, "-m", f"pipeline.{stage}", *argv], work, environ)
+                epochs = sum(float(s) for s in EPOCH_LINE.findall(log))
+                row = {"wall": seconds, "epochs": epochs, "fixed": seconds - epochs}
+                print(f"round {round_}: {stage:10s} wall {seconds:6.2f} s, epochs {epochs:5.2f} s", flush=True)
+                if round_ and (stage not in best or row["fixed"] < best[stage]["fixed"]):
+                    best[stage] = row
+    return best
+
+
+def scratch_repo(dest: Path) -> Path:
+    """A git copy of the repository's files (committed or not) sharing its DVC cache: download
+    and preprocess restore from DVC's run cache instead of running."""
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
+    for name in filter(None, files):
+        if (REPO / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    environ = env(dest) | {
+        f"GIT_{who}_{what}": "bench" for who in ("AUTHOR", "COMMITTER") for what in ("NAME", "EMAIL")
+    }
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "bench"],
+        ["dvc", "config", "--local", "cache.dir", str(REPO / ".dvc" / "cache")],
+        ["dvc", "repro", "preprocess"],
+    ):
+        timed(cmd, dest, environ)
+    return dest
+
+
+def exp_run_cost(recipe: str) -> dict[str, float]:
+    """Wall time of `dvc exp run` of the recipe with the data stages cached, against its training."""
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = scratch_repo(Path(tmp) / "repo")
+        environ = env(repo)
+        flags = set_flags(load_recipe(recipe, repo / "recipes", repo / "params.yaml"))
+        # The store and experiment exist in any repository after its first run: create them first.
+        create = "from pipeline import tracking; tracking.connect(); tracking.experiment_id('mnist-cnn')"
+        timed([sys.executable, "-c", create], repo, environ)
+        seconds, log = timed(["dvc", "exp", "run", *flags], repo, environ)
+        assert "Running stage 'preprocess'" not in log, log
+        epochs = sum(float(s) for s in EPOCH_LINE.findall(log))
+        noop, out = timed(["dvc", "repro"], repo, environ)
+        assert "up to date" in out, out
+        return {"wall": seconds, "epochs": epochs, "ratio": seconds / epochs, "noop_repro": noop}
+
+
+def system_metrics_share(seconds: float = 20.0) -> dict[str, float]:
+    """CPU time MLflow's system-metrics thread takes (sampling every 2 s, as train does), as a share
+    of the cores that training keeps busy."""
+    import mlflow
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
+        mlflow.set_system_metrics_sampling_interval(2)
+        with mlflow.start_run(log_system_metrics=False):
+            pass  # the store exists: what follows is the monitor alone
+        idle_start = time.process_time()
+        time.sleep(seconds)
+        idle = time.process_time() - idle_start
+        start = time.process_time()
+        with mlflow.start_run(log_system_metrics=True):
+            time.sleep(seconds)
+        busy = time.process_time() - start - idle
+    cores = torch.get_num_threads()
+    return {"cpu_seconds_per_second": busy / seconds, "share_of_training_cores": busy / seconds / cores}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--raw", type=Path, default=Path("data/raw"))
+    parser.add_argument("--recipe", default="fast")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("bench/experiment_cost.json"))
+    args = parser.parse_args()
+    results = {
+        "date": date.today().isoformat(),
+        "recipe": args.recipe,
+        "stages_seconds": stage_costs(args.raw, args.recipe, args.rounds),
+        "dvc_exp_run_seconds": exp_run_cost(args.recipe),
+        "system_metrics": system_metrics_share(),
+    }
+    print(json.dumps(results, indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
