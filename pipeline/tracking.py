@@ -104,6 +104,7 @@ def check_tracking_server(uri: str | None = None, timeout: float = PROBE_TIMEOUT
         return  # local stores (sqlite, a folder) fail at once on their own
     for name, value in HTTP_ENV_DEFAULTS.items():
         os.environ.setdefault(name, value)
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # one line at the end, not each retry
     try:
         # The user's credentials (MLFLOW_TRACKING_USERNAME/PASSWORD or _TOKEN) come from the env.
         response = http_request(
@@ -231,7 +232,9 @@ def start_run(
     if system_metrics:
         if "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL" not in os.environ:
             mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL)
-        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop chatter
+        # Best effort: no start/stop chatter, and no errors of their own when the server is gone
+        # (the stage says that itself, in one line).
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.CRITICAL)
     try:
         if run_id := run_id or os.environ.get("MLFLOW_RUN_ID"):
             active = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
@@ -252,12 +255,31 @@ def start_run(
 @contextmanager
 def _ending(active: mlflow.ActiveRun) -> Iterator[mlflow.ActiveRun]:
     """End the run FINISHED, or KILLED on Ctrl-C or SIGTERM, or FAILED on any other error."""
-    with active as run:
+    try:
+        yield active
+    except BaseException as e:
+        # Recorded if the store still answers; a dead server must not hide the error that stopped us.
         try:
-            yield run
-        except KeyboardInterrupt:  # pipeline.errors.Terminated (SIGTERM) is one too
-            mlflow.end_run(status="KILLED")
+            mlflow.end_run(status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")  # SIGTERM: one too
+        except MlflowException:
+            pass
+        raise
+    with answering("the run's final status was not recorded"):
+        mlflow.end_run()
+
+
+@contextmanager
+def answering(kept: str) -> Iterator[None]:
+    """Turn a tracking server that stops answering (down, or errors after MLflow's bounded retries)
+    into one line naming it and saying what is `kept`, instead of MLflow's traceback."""
+    try:
+        yield
+    except MlflowException as e:
+        uri = mlflow.get_tracking_uri()
+        if urlparse(uri).scheme not in ("http", "https"):
             raise
+        timeout = float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", HTTP_ENV_DEFAULTS["MLFLOW_HTTP_REQUEST_TIMEOUT"]))
+        raise PipelineError(f"MLflow tracking server {uri} stopped answering ({_reason(e, timeout)}); {kept}") from e
 
 
 def read_run_file(path: Path) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from pipeline.data import load_split
 from pipeline.distributed import World
 from pipeline.engine import TrainingDiverged, fit  # noqa: F401 (TrainingDiverged: train's error)
 from pipeline.errors import ParamsError, run_stage
-from pipeline.files import atomic_path
+from pipeline.files import atomic_path, check_writable, save_torch
 from pipeline.model import build_model
 from pipeline.params import MlflowConfig, ModelConfig, TrainConfig, load_section
 from pipeline.runtime import autocast_dtype, device_tags, make_deterministic, pick_device, release_memory, tune_malloc
@@ -66,6 +66,16 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
         elif a != b:
             parts.append(f"{prefix}{k}: {a!r} -> {b!r}")
     return ", ".join(parts)
+
+
+def log_epochs(run_id: str, rows: list[dict[str, float]], kept: str) -> None:
+    """Log the rows (one an epoch) whose epoch the run does not hold yet: each epoch once, also when a
+    resumed run catches up on epochs that a tracking server, down at the time, did not take."""
+    with tracking.answering(f"{kept}; run again once it answers, to resume into run {run_id}"):
+        logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "val_loss")}
+        for row in rows:
+            if int(row["epoch"]) not in logged:
+                mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
 
 
 def build(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
@@ -147,6 +157,7 @@ def write(
     device: torch.device,
 ) -> None:
     """Rank 0, or the only process: train, and log, checkpoint and save what it trained."""
+    check_writable(args.out, args.checkpoint.parent)  # before hours of training, not after
     tracking.connect()  # the repository's store, or a server that fails now if dead, before any work
     train_x, train_y = load_split(args.data / "train.pt")
     val_x, val_y = load_split(args.data / "val.pt")
@@ -172,11 +183,17 @@ def write(
         if commit := tracking.git_commit(ignore=("params.yaml", "dvc.lock", args.out.as_posix())):
             tags["git_commit"] = commit
         mlflow.set_tags(tags)
+        # Every epoch's metrics, timings too: the checkpoint keeps them, so that epochs whose logging
+        # a dead server interrupted are logged on resume, each once (log_epochs).
+        rows = list(resume.get("rows", [])) if resume else []
+        if resume is not None:
+            log_epochs(run.info.run_id, rows, kept=f"{args.checkpoint} is kept")
 
         def on_epoch(row: dict[str, float], state: dict[str, Any]) -> None:
-            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
-            with atomic_path(args.checkpoint) as tmp:
-                torch.save({**state, "fingerprint": expected, "run_id": run.info.run_id}, tmp)
+            rows.append(row)
+            # The checkpoint first: whatever happens to the server next, this epoch is not lost.
+            save_torch(args.checkpoint, {**state, "rows": rows, "fingerprint": expected, "run_id": run.info.run_id})
+            log_epochs(run.info.run_id, [row], kept=f"{args.checkpoint} keeps epoch {int(row['epoch'])}")
 
         train_split = (train_x.to(device), train_y.to(device))
         try:
@@ -189,19 +206,18 @@ def write(
 
         del train_split, train_x, train_y
         release_memory()  # the training buffers, before torch.export needs its own (peak RSS)
-        args.out.mkdir(parents=True, exist_ok=True)
         with atomic_path(args.out / "history.csv") as tmp:
             pd.DataFrame(history).to_csv(tmp, index=False)
-        mlflow.log_artifact(str(args.out / "history.csv"))
-        tracking.log_model(model, example=val_x[:4], model_cfg=model_cfg, step=cfg.epochs)
+        with tracking.answering(f"{args.checkpoint} keeps the trained weights: run again to log them"):
+            mlflow.log_artifact(str(args.out / "history.csv"))
+            tracking.log_model(model, example=val_x[:4], model_cfg=model_cfg, step=cfg.epochs)
         checkpoint = {
             "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
             "model": dataclasses.asdict(model_cfg),
             "train": dataclasses.asdict(cfg),
             "history": history,
         }
-        with atomic_path(args.out / "model.pt") as tmp:
-            torch.save(checkpoint, tmp)
+        save_torch(args.out / "model.pt", checkpoint)
         tracking.save_run_file(args.out / "mlflow_run.json", run)
     args.checkpoint.unlink(missing_ok=True)  # done: the next run starts fresh
 
