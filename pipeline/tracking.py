@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import subprocess
 import time
 import uuid
@@ -80,6 +81,7 @@ HTTP_ENV_DEFAULTS = {
 }
 PROBE_TIMEOUT = 5.0  # seconds; a healthy server answers one search in milliseconds
 PROBE_ENDPOINT = "/api/2.0/mlflow/experiments/search"
+RETRY_CODES = (429, 500, 502, 503, 504)  # what MLflow's client retries too
 
 
 def _reason(error: Exception, timeout: float) -> str:
@@ -90,10 +92,14 @@ def _reason(error: Exception, timeout: float) -> str:
         "NewConnectionError": "connection refused (is the server running, is the port right?)",
         "NameResolutionError": "unknown host name",
         "SSLError": "TLS handshake failed",
+        "Connection broken": "the connection broke mid-request",
+        "RemoteDisconnected": "the server closed the connection",
     }
     for marker, reason in known.items():
         if marker in text:
             return reason
+    if status := re.search(r"too many (\d{3}) error responses", text):  # MLflow's retries used up
+        return f"HTTP {status[1]} after {1 + int(os.environ['MLFLOW_HTTP_REQUEST_MAX_RETRIES'])} tries"
     return text.splitlines()[0][:200] if text else type(error).__name__
 
 
@@ -105,19 +111,29 @@ def check_tracking_server(uri: str | None = None, timeout: float = PROBE_TIMEOUT
     for name, value in HTTP_ENV_DEFAULTS.items():
         os.environ.setdefault(name, value)
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # one line at the end, not each retry
-    try:
+
+    def probe(retries: int):
         # The user's credentials (MLFLOW_TRACKING_USERNAME/PASSWORD or _TOKEN) come from the env.
-        response = http_request(
+        return http_request(
             get_default_host_creds(uri),
             PROBE_ENDPOINT,
             "GET",
-            max_retries=0,
+            max_retries=retries,
+            backoff_factor=float(os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"]),
             timeout=timeout,
             params={"max_results": 1},
             raise_on_status=False,
         )
+
+    try:
+        response = probe(retries=0)  # nobody there: say so at once
+        if response.status_code in RETRY_CODES:  # there, but busy or failing: MLflow's bounded retries
+            response = probe(retries=int(os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]))
     except Exception as e:  # refused, timed out, unknown host, TLS: MLflow wraps them all
         raise PipelineError(f"MLflow tracking server {uri} is unreachable: {_reason(e, timeout)}") from e
+    if response.status_code in RETRY_CODES:
+        tries = 1 + int(os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])
+        raise PipelineError(f"MLflow tracking server {uri} answers HTTP {response.status_code} ({tries} tries)")
     if response.status_code in (401, 403):
         raise PipelineError(
             f"MLflow tracking server {uri} refused the credentials (HTTP {response.status_code}); "
