@@ -9,12 +9,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from mlflow import MlflowClient
 
 from pipeline import evaluate, train
 from pipeline.errors import PipelineError
 
-from .conftest import REPO, run_main, tiny_params
+from .conftest import REPO, run_main, set_params, tiny_params
 
 
 @contextmanager
@@ -57,6 +59,21 @@ def test_a_full_disk_under_reports_names_the_file_keeps_the_old_output_and_leave
             run_main(evaluate, monkeypatch, "--models", "models", "--out", "reports")
         assert (reports / "metrics.json").read_text() == '{"test_accuracy": 0.5}\n'  # written last: intact
         assert not [p for p in reports.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint_and_fails_the_run(
+    processed, monkeypatch
+) -> None:
+    """A checkpoint is ~570 kB here: on 900 kB the first fits, the second (written beside it) does not."""
+    set_params(processed, "train", epochs=3)
+    with tiny_disk(processed / "ckpt", kib=900):
+        with pytest.raises(PipelineError, match=r"no space left on the device to write ckpt/ckpt.pt"):
+            run_main(train, monkeypatch, "--out", "models", "--checkpoint", "ckpt/ckpt.pt")
+        assert [p.name for p in (processed / "ckpt").iterdir()] == ["ckpt.pt"]  # no temporary file left
+        kept = torch.load(processed / "ckpt/ckpt.pt", weights_only=True)
+    assert len(kept["history"]) == 1  # epoch 1's, whole: the next run resumes from it
+    assert MlflowClient().get_run(kept["run_id"]).info.status == "FAILED"
+    assert not (processed / "models/model.pt").exists()
 
 
 def test_an_unwritable_output_folder_fails_before_any_work(trained_here, monkeypatch) -> None:
