@@ -83,6 +83,10 @@ def test_an_unwritable_output_folder_fails_before_any_work(trained_here, monkeyp
     with read_only(reports):
         with pytest.raises(PipelineError, match="cannot write reports: Read-only file system"):
             run_main(evaluate, monkeypatch, "--models", "models", "--out", "reports")
+    monkeypatch.setattr(train, "fit", lambda *a, **k: pytest.fail("trained before checking its output"))
+    with read_only(trained_here / "models"):
+        with pytest.raises(PipelineError, match="cannot write models: Read-only file system"):
+            run_main(train, monkeypatch, "--out", "models")
 
 
 def test_a_wheel_cache_owned_by_someone_else_is_named(tmp_path) -> None:
