@@ -1,6 +1,7 @@
 """A real tracking server that dies mid-training, comes back slowly, or answers 5xx for a while."""
 
 import http.client
+import logging
 import os
 import re
 import signal
@@ -19,9 +20,10 @@ import torch
 from mlflow import MlflowClient
 
 from pipeline import tracking
+from pipeline import train as train_stage
 from pipeline.errors import PipelineError
 
-from .conftest import REPO, set_params
+from .conftest import REPO, run_main, set_params
 from .test_tracking import free_port
 
 pytestmark = pytest.mark.slow
@@ -136,7 +138,9 @@ def train(workdir: Path, uri: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_server_killed_mid_training_then_back_slow_and_failing_for_a_while(processed, server) -> None:
+def test_server_killed_mid_training_then_back_slow_and_failing_for_a_while(
+    processed, server, monkeypatch, caplog
+) -> None:
     """Killed after epoch 1 of 3: one line, checkpoint kept; back behind a slow proxy that also answers
     503 twice (MLflow retries): the next run resumes into the same run, each epoch logged once."""
     set_params(processed, "train", epochs=3, batch_size=4)  # epochs of a second or more: time to kill
@@ -161,10 +165,11 @@ def test_server_killed_mid_training_then_back_slow_and_failing_for_a_while(proce
     server.start()
     proxy = Proxy(f"127.0.0.1:{server.port}")
     proxy.delay, proxy.failures = 0.02, 2  # 20 ms on each of the ~100 requests of a run
-    resumed = train(processed, proxy.uri)
-    out, err = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, err
-    assert proxy.refused == 2 and "resuming from ckpt.pt" in err
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", proxy.uri)
+    monkeypatch.setattr("mlflow.tracking._tracking_service.utils._tracking_uri", None)
+    with caplog.at_level(logging.INFO, logger="pipeline.train"):
+        run_main(train_stage, monkeypatch, "--out", "models", "--checkpoint", "ckpt.pt")  # in this process
+    assert proxy.refused == 2 and "resuming from ckpt.pt" in caplog.text
     client = MlflowClient(tracking_uri=server.uri)
     run = client.get_run(checkpoint["run_id"])
     assert run.info.status == "FINISHED"
