@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -194,3 +195,15 @@ def processed(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     run_main(download, monkeypatch, "--out", "data/raw")
     run_main(preprocess, monkeypatch, "--raw", "data/raw", "--out", "data/processed")
     return workdir
+
+
+def train_until_checkpoint(workdir: Path, out: str = "models", **env: str) -> subprocess.Popen:
+    """The train stage as its own process (stderr piped), returned once its first checkpoint
+    (`ckpt.pt`) has landed: epoch 1 is done, epoch 2 under way (with slow enough params)."""
+    cmd = [sys.executable, "-m", "pipeline.train", "--out", out, "--checkpoint", "ckpt.pt"]
+    environ = {**os.environ, "PYTHONPATH": str(REPO), **env}
+    proc = subprocess.Popen(cmd, cwd=workdir, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600  # imports alone take seconds on a loaded machine
+    while not (workdir / "ckpt.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return proc

@@ -6,8 +6,6 @@ Spawned workers import this module: it imports the compute core only (no MLflow)
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from pipeline.errors import ParamsError, PipelineError
 from pipeline.model import build_model
 from pipeline.params import ModelConfig, TrainConfig
 
-from .conftest import REPO, run_main, set_params, synthetic_digits
+from .conftest import run_main, set_params, synthetic_digits, train_until_checkpoint
 
 # Per-epoch losses of 2 ranks vs 1 process on this tiny task: the same math, so only float
 # rounding differs (measured: about 1e-7 relative; the real data's figure is in the README).
@@ -162,12 +160,7 @@ def test_two_process_stage_one_run_a_killed_rank_stops_the_job_and_it_resumes_on
 
     set_params(processed, "train", epochs=2, batch_size=4, nproc=2)
     set_params(processed, "model", nf=32)  # slow enough to be killed mid-training
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "pipeline.train", "--out", "models", "--checkpoint", "ckpt.pt"]
-    proc = subprocess.Popen(cmd, cwd=processed, env=env, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 600
-    while not (processed / "ckpt.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    proc = train_until_checkpoint(processed)
     (rank1,) = [pid for pid in children(proc.pid) if b"RANK=1" in environ(pid)]
     killed = time.monotonic()
     os.kill(rank1, signal.SIGKILL)

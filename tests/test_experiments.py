@@ -7,7 +7,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -18,7 +17,7 @@ from mlflow import MlflowClient
 from pipeline import tracking, train
 from pipeline.params import MlflowConfig, ModelConfig, TrainConfig
 
-from .conftest import REPO, run_main, set_params
+from .conftest import REPO, run_main, set_params, train_until_checkpoint
 
 
 @pytest.fixture
@@ -160,12 +159,7 @@ def test_parallel_stages_share_one_new_sqlite_store(tmp_path, workers) -> None:
 def test_sigterm_ends_the_run_killed_keeps_the_checkpoint_and_the_next_run_resumes_it(processed, monkeypatch) -> None:
     """`kill`, `timeout`, a batch scheduler: exit 143, one line, run KILLED; then it resumes, each epoch once."""
     set_params(processed, "train", epochs=3, batch_size=4)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "pipeline.train", "--out", "models", "--checkpoint", "ckpt.pt"]
-    proc = subprocess.Popen(cmd, cwd=processed, env=env, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 600
-    while not (processed / "ckpt.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    proc = train_until_checkpoint(processed)
     proc.send_signal(signal.SIGTERM)
     stderr = proc.communicate()[1]
     assert proc.returncode == 143, stderr

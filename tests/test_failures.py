@@ -1,12 +1,8 @@
 """Bad input and faults: clear errors, nothing half-written, interrupted training resumes."""
 
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -16,7 +12,7 @@ from pipeline import download, engine, evaluate, files, preprocess, train
 from pipeline.errors import DataError, PipelineError, run_stage
 from pipeline.mnist import idx_bytes
 
-from .conftest import REPO, run_main, set_params, synthetic_digits
+from .conftest import run_main, set_params, synthetic_digits, train_until_checkpoint
 
 images, labels = synthetic_digits(10, seed=0)
 RAW_CASES = {
@@ -111,14 +107,9 @@ def test_checkpoint_from_other_params_is_not_resumed(processed, monkeypatch, cap
 def test_sigkill_mid_epoch_then_resume_gives_identical_weights(processed, monkeypatch) -> None:
     set_params(processed, "train", epochs=3, batch_size=4)
     set_params(processed, "model", nf=32)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "pipeline.train", "--out", "killed", "--checkpoint", "ckpt.pt"]
-    proc = subprocess.Popen(cmd, cwd=processed, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 600  # imports alone take seconds on a loaded machine
-    while not (processed / "ckpt.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    proc = train_until_checkpoint(processed, out="killed")
     proc.send_signal(signal.SIGKILL)  # the first epoch's checkpoint just landed: we are mid-epoch 2
-    proc.wait()
+    proc.communicate()
     assert (processed / "ckpt.pt").exists(), "no checkpoint was written before the kill"
     assert not (processed / "killed/model.pt").exists(), "training finished before it could be killed"
     assert len(torch.load(processed / "ckpt.pt", weights_only=True)["history"]) in (1, 2)

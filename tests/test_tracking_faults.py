@@ -23,7 +23,7 @@ from pipeline import tracking
 from pipeline import train as train_stage
 from pipeline.errors import PipelineError
 
-from .conftest import REPO, run_main, set_params
+from .conftest import run_main, set_params, train_until_checkpoint
 from .test_tracking import free_port
 
 pytestmark = pytest.mark.slow
@@ -130,14 +130,6 @@ def run_id_in(log: str) -> str:
     return re.search(r"MLflow run (\w+) at", log)[1]
 
 
-def train(workdir: Path, uri: str) -> subprocess.Popen:
-    """The train stage as DVC runs it: a fresh process that sees only the environment."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(MLFLOW_TRACKING_URI=uri, PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "pipeline.train", "--out", "models", "--checkpoint", "ckpt.pt"]
-    return subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 def test_server_killed_mid_training_then_back_slow_and_failing_for_a_while(
     processed, server, monkeypatch, caplog
 ) -> None:
@@ -145,10 +137,7 @@ def test_server_killed_mid_training_then_back_slow_and_failing_for_a_while(
     503 twice (MLflow retries): the next run resumes into the same run, each epoch logged once."""
     set_params(processed, "train", epochs=3, batch_size=4)  # epochs of a second or more: time to kill
     set_params(processed, "model", nf=32)
-    proc = train(processed, server.uri)
-    deadline = time.monotonic() + 300
-    while not (processed / "ckpt.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    proc = train_until_checkpoint(processed, MLFLOW_TRACKING_URI=server.uri)
     server.kill()  # epoch 1 is done (its checkpoint written); epoch 2 is under way
     killed = time.monotonic()
     stderr = proc.communicate(timeout=120)[1]
