@@ -39,7 +39,7 @@ from pipeline.runtime import autocast_dtype, cpu_has_native_bf16, make_determini
 # The recipes (recipes/*.yaml) timed to accuracy, and the seeds each is trained with: every one
 # must reach the goal, not just their mean (`fast`: 99.0% in <= 4 s of training on 2 cores).
 RECIPE_SEEDS = {"fast": (0, 1, 2, 3, 42), "tutorial-fast": (0,)}
-RECIPE_REPEATS = {"fast": 2, "tutorial-fast": 1}  # timings per seed, the best kept (3.6 s vs 5.1 s seen)
+RECIPE_ROUNDS = {"fast": 3, "tutorial-fast": 1}
 
 
 def cpu_model() -> str:
@@ -122,7 +122,7 @@ def tutorial_path(model_cfg: ModelConfig, cfg: TrainConfig, steps: int, raw: Pat
         return step_rate(step, steps, 64)
 
 
-def recipe(name: str, seed: int, data: Path, repeats: int = 1) -> dict[str, float]:
+def recipe(name: str, seed: int, data: Path) -> dict[str, float]:
     """Train a recipe (over params.yaml's values) on the real data; return training seconds and test accuracy."""
     over = load_recipe(name)
     model_cfg = dataclasses.replace(load_section("model", ModelConfig), **over.get("model", {}))
@@ -132,16 +132,12 @@ def recipe(name: str, seed: int, data: Path, repeats: int = 1) -> dict[str, floa
     from pipeline.train import fit  # the stage's own loop (a benchmark, not a stage, may import it)
 
     train, val, test = (load_split(data / f"{s}.pt") for s in ("train", "val", "test"))
-    runs = []
-    for _ in range(repeats):  # the same training again: other load only slows it, so the best time counts
-        make_deterministic(seed)
-        model = make_model(model_cfg, cfg.channels_last, seed)
-        start = time.perf_counter()
-        fit(model, train, val, cfg)
-        seconds = time.perf_counter() - start
-        runs.append((seconds, evaluate(model, *test, batch_size=EVAL_BATCH_SIZE)["accuracy"]))
-    assert len({accuracy for _, accuracy in runs}) == 1, runs  # deterministic: one result, several timings
-    return {"train_seconds": min(seconds for seconds, _ in runs), "test_accuracy": runs[0][1]}
+    make_deterministic(seed)
+    model = make_model(model_cfg, cfg.channels_last, seed)
+    start = time.perf_counter()
+    fit(model, train, val, cfg)
+    seconds = time.perf_counter() - start
+    return {"train_seconds": seconds, "test_accuracy": evaluate(model, *test, batch_size=EVAL_BATCH_SIZE)["accuracy"]}
 
 
 def repro_times() -> dict[str, float]:
@@ -215,7 +211,16 @@ def main() -> None:
     if args.recipes:
         results["recipes"] = {}
         for name, seeds in RECIPE_SEEDS.items():
-            runs = {seed: recipe(name, seed, args.data, RECIPE_REPEATS[name]) for seed in seeds}
+            # Rounds over the seeds, each keeping its best time: this shared host's speed drifts by
+            # up to 50% from one minute to the next (the same training took 3.3 s, then 5.0 s).
+            runs: dict[int, dict[str, float]] = {}
+            for _ in range(RECIPE_ROUNDS[name]):
+                for seed in seeds:
+                    run = recipe(name, seed, args.data)
+                    if seed in runs:
+                        assert run["test_accuracy"] == runs[seed]["test_accuracy"], (name, seed)  # deterministic
+                        run["train_seconds"] = min(run["train_seconds"], runs[seed]["train_seconds"])
+                    runs[seed] = run
             print(f"recipe {name}: {runs}", flush=True)
             results["recipes"][name] = {
                 "train_seconds_mean": sum(r["train_seconds"] for r in runs.values()) / len(runs),
