@@ -32,7 +32,7 @@ from mlflow.utils.rest_utils import http_request
 
 from pipeline.errors import PipelineError
 from pipeline.files import write_json
-from pipeline.params import MlflowConfig, ModelConfig
+from pipeline.params import MlflowConfig, ModelConfig, TrainConfig
 from pipeline.serving import log_classifier, pins
 
 
@@ -193,9 +193,9 @@ def experiment_id(name: str) -> str:
     tags = {"mlflow.note.content": DESCRIPTION}
     with store_lock():
         in_repo = mlflow.get_tracking_uri() == repo_store_uri()
-        if not (in_repo and not (repo_root() / STORE_FILE).exists()):  # opening a new store would create it
-            if (experiment := MlflowClient().get_experiment_by_name(name)) is not None:
-                return experiment.experiment_id
+        new_store = in_repo and not (repo_root() / STORE_FILE).exists()  # a client would create it, wrongly
+        if not new_store and (experiment := MlflowClient().get_experiment_by_name(name)) is not None:
+            return experiment.experiment_id
         if in_repo:
             from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore  # only this store needs it
 
@@ -212,7 +212,7 @@ def experiment_id(name: str) -> str:
             return MlflowClient().get_experiment_by_name(name).experiment_id
 
 
-def run_name(model_cfg: ModelConfig, cfg: Any) -> str:
+def run_name(model_cfg: ModelConfig, cfg: TrainConfig) -> str:
     """The DVC experiment's name when DVC runs one, else the settings that set runs apart and a
     random suffix (from the OS: Python's `random` is seeded, so MLflow's own names repeat)."""
     if name := os.environ.get("DVC_EXP_NAME"):
@@ -228,7 +228,7 @@ def dvc_tags() -> dict[str, str]:
 
 # MLflow's own system metrics (CPU, memory, disk, network; GPUs through nvidia-ml-py): on for the
 # train stage unless the user turns them off with MLflow's own switch, and sampled every 2 s unless
-# set (MLflow's default, 10 s, logs none for a short training). Their cost: bench/benchmark.py.
+# set (MLflow's default, 10 s, logs none for a short training). Their cost: bench/experiment_cost.py.
 SYSTEM_METRICS_INTERVAL = 2.0
 
 

@@ -186,7 +186,7 @@ def write(
         # Every epoch's metrics, timings too: the checkpoint keeps them, so that epochs whose logging
         # a dead server interrupted are logged on resume, each once (log_epochs).
         rows = list(resume.get("rows", [])) if resume else []
-        if resume is not None:
+        if rows:  # resumed: first the epochs whose metrics a dead server did not take
             log_epochs(run.info.run_id, rows, kept=f"{args.checkpoint} is kept")
 
         def on_epoch(row: dict[str, float], state: dict[str, Any]) -> None:
