@@ -68,11 +68,11 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
     return ", ".join(parts)
 
 
-def log_epochs(run_id: str, rows: list[dict[str, float]], kept: str) -> None:
-    """Log the rows (one an epoch) whose epoch the run does not hold yet: each epoch once, also when a
-    resumed run catches up on epochs that a tracking server, down at the time, did not take."""
+def log_epochs(run_id: str, rows: list[dict[str, float]], kept: str, catch_up: bool = False) -> None:
+    """Log the rows (one an epoch). With `catch_up` (a resumed run), only those whose epoch the run
+    does not hold yet: a tracking server, down at the time, may not have taken them. Each epoch once."""
     with tracking.answering(f"{kept}; run again once it answers, to resume into run {run_id}"):
-        logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "val_loss")}
+        logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "val_loss")} if catch_up else set()
         for row in rows:
             if int(row["epoch"]) not in logged:
                 mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
@@ -187,7 +187,7 @@ def write(
         # a dead server interrupted are logged on resume, each once (log_epochs).
         rows = list(resume.get("rows", [])) if resume else []
         if rows:  # resumed: first the epochs whose metrics a dead server did not take
-            log_epochs(run.info.run_id, rows, kept=f"{args.checkpoint} is kept")
+            log_epochs(run.info.run_id, rows, kept=f"{args.checkpoint} is kept", catch_up=True)
 
         def on_epoch(row: dict[str, float], state: dict[str, Any]) -> None:
             rows.append(row)
