@@ -15,8 +15,9 @@ from tqdm import tqdm
 from pipeline import distributed, graphs
 from pipeline.distributed import ALONE, World
 from pipeline.errors import PipelineError
-from pipeline.params import TrainConfig
-from pipeline.runtime import autocast_dtype
+from pipeline.model import build_model
+from pipeline.params import ModelConfig, TrainConfig
+from pipeline.runtime import autocast_dtype, make_deterministic
 
 log = logging.getLogger("pipeline.train")
 Split = tuple[torch.Tensor, torch.Tensor]
@@ -24,6 +25,27 @@ Split = tuple[torch.Tensor, torch.Tensor]
 
 class TrainingDiverged(PipelineError):
     """The loss became NaN or infinite."""
+
+
+def build(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """The seeded network on `device`; built on the CPU: initial weights depend on the seed only.
+    The train stage and every sweep trial start here, so that equal params give equal weights."""
+    make_deterministic(cfg.seed)
+    model = build_model(model_cfg).to(device)
+    if cfg.channels_last:  # NHWC convolutions: faster on CPUs and tensor cores
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def shifted(images: torch.Tensor, offsets: torch.Tensor, pad: int) -> torch.Tensor:
+    """Each image of (B, 1, H, W) moved by its own (dy, dx) row of `offsets` (B, 2), |d| <= pad;
+    the pixels moved in are 0, the background."""
+    b, _, h, w = images.shape
+    padded = F.pad(images[:, 0], (pad, pad, pad, pad))  # (B, H + 2 pad, W + 2 pad)
+    rows = torch.arange(h, device=images.device) + pad - offsets[:, :1]  # (B, H)
+    cols = torch.arange(w, device=images.device) + pad - offsets[:, 1:]  # (B, W)
+    batch = torch.arange(b, device=images.device)[:, None, None]
+    return padded[batch, rows[:, :, None], cols[:, None, :]].unsqueeze(1)  # (B, 1, H, W)
 
 
 def train_one_epoch(
@@ -39,10 +61,12 @@ def train_one_epoch(
     label_smoothing: float = 0.0,
     world: World = ALONE,
     captured: graphs.CapturedStep | None = None,
+    shift: int = 0,
 ) -> dict[str, float]:
     """One pass over (images, labels) in a seeded random order, in global batches of `batch_size`
     of which this rank takes its share (see distributed.shard); full batches through `captured`
-    (a CUDA graph) when given.
+    (a CUDA graph) when given. `shift` > 0: each image moved by a random offset of up to that many
+    pixels, drawn from `generator` (augmentation; none at 0, which draws nothing).
 
     The loss is cross-entropy against targets smoothed by `label_smoothing`. Returns mean loss and
     accuracy over all ranks, and `first_bad_batch`: the 1-based batch whose loss was NaN or
@@ -69,8 +93,15 @@ def train_one_epoch(
             if scheduler is not None:
                 scheduler.step()
             continue
-        idx = distributed.shard(idx, world)
-        x, y = images[idx], labels[idx]  # (B / world, 1, 28, 28) uint8, (B / world,)
+        if shift:  # offsets drawn for the global batch, then sharded with it: equal on any world size
+            offsets = torch.randint(-shift, shift + 1, (m, 2), generator=generator).to(images.device)
+            part = distributed.shard(torch.cat([idx[:, None], offsets], 1), world)  # (B / world, 3)
+            idx, offsets = part[:, 0], part[:, 1:]
+            x = shifted(images[idx], offsets, shift)
+        else:
+            idx = distributed.shard(idx, world)
+            x = images[idx]
+        y = labels[idx]  # x: (B / world, 1, 28, 28) uint8, y: (B / world,)
         with torch.autocast(images.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             logits = model(x)
             if world.size == 1:
@@ -158,13 +189,14 @@ def fit(
         generator.set_state(resume["generator"])
         torch.set_rng_state(resume["torch_rng"])
     captured = None
-    if graphs.wanted(train[0].device, world.size, cuda_graphs) and len(train[0]) >= cfg.batch_size:
+    capturable = len(train[0]) >= cfg.batch_size and cfg.shift == 0  # the graph gathers unshifted batches
+    if graphs.wanted(train[0].device, world.size, cuda_graphs) and capturable:
         captured = graphs.capture(net, optimizer, *train, cfg.batch_size, autocast, cfg.label_smoothing)
     for epoch in range(len(history) + 1, cfg.epochs + 1):
         start = time.perf_counter()
         desc = f"epoch {epoch}/{cfg.epochs}"
         args = (net, *train, cfg.batch_size, optimizer, generator, desc, scheduler, autocast, cfg.label_smoothing)
-        tr = train_one_epoch(*args, world=world, captured=captured)
+        tr = train_one_epoch(*args, world=world, captured=captured, shift=cfg.shift)
         train_seconds = time.perf_counter() - start  # train_one_epoch ends reading its sums: synced
         if tr["first_bad_batch"] >= 0:
             raise TrainingDiverged(

@@ -18,6 +18,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 ARCHS = ("tutorial", "fast")
 PRECISIONS = ("auto", "fp32", "bf16")
 SCHEDULES = ("constant", "onecycle")
+MAX_SHIFT = 8  # pixels: a digit spans about 20 of the 28
 OFFICIAL_MD5 = {
     "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
     "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
@@ -89,6 +90,7 @@ class TrainConfig:
     channels_last: bool = True
     schedule: str = "constant"
     label_smoothing: float = 0.0
+    shift: int = 0  # augmentation: each training image moved by up to this many pixels (0: none)
     nproc: int = 1  # training processes on this machine (data-parallel through torchrun when > 1)
     nnodes: int = 1  # machines taking part
     rdzv_endpoint: str | None = None  # host:port of node 0 when nnodes > 1
@@ -104,6 +106,7 @@ class TrainConfig:
         _check_device("train.device", self.device)
         ok = 0 <= self.label_smoothing < 1
         _check(ok, "train.label_smoothing", "a number in [0, 1)", self.label_smoothing)
+        _check(0 <= self.shift <= MAX_SHIFT, "train.shift", f"an integer in [0, {MAX_SHIFT}]", self.shift)
         _check(self.nproc >= 1, "train.nproc", "an integer >= 1", self.nproc)
         _check(self.nnodes >= 1, "train.nnodes", "an integer >= 1", self.nnodes)
         ok = self.rdzv_endpoint is None or re.fullmatch(r"[\w.-]+:\d{1,5}", self.rdzv_endpoint) is not None

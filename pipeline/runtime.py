@@ -49,7 +49,8 @@ def make_deterministic(seed: int) -> None:
 
 def device_tags(device: torch.device) -> dict[str, str]:
     """What ran the work: device, and the torch/CUDA/cuDNN versions and the GPU's driver."""
-    tags = {"device": str(device), "torch_version": torch.__version__}
+    # Threads too: the CPU's sums split across them, so equal weights need equal thread counts.
+    tags = {"device": str(device), "torch_version": torch.__version__, "threads": str(torch.get_num_threads())}
     if device.type == "cuda":
         tags["cuda_version"] = str(torch.version.cuda)
         tags["cudnn_version"] = str(torch.backends.cudnn.version())

@@ -17,12 +17,11 @@ import torch
 from pipeline import distributed, launch, tracking
 from pipeline.data import load_split
 from pipeline.distributed import World
-from pipeline.engine import TrainingDiverged, fit  # noqa: F401 (TrainingDiverged: train's error)
+from pipeline.engine import TrainingDiverged, build, fit  # noqa: F401 (TrainingDiverged: train's error)
 from pipeline.errors import ParamsError, run_stage
 from pipeline.files import atomic_path, check_writable, save_torch
-from pipeline.model import build_model
 from pipeline.params import MlflowConfig, ModelConfig, TrainConfig, load_section
-from pipeline.runtime import autocast_dtype, device_tags, make_deterministic, pick_device, release_memory, tune_malloc
+from pipeline.runtime import autocast_dtype, device_tags, pick_device, release_memory, tune_malloc
 
 log = logging.getLogger("pipeline.train")
 PARALLEL_KEYS = ("nproc", "nnodes", "rdzv_endpoint")
@@ -76,15 +75,6 @@ def log_epochs(run_id: str, rows: list[dict[str, float]], kept: str, catch_up: b
         for row in rows:
             if int(row["epoch"]) not in logged:
                 mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
-
-
-def build(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
-    """The seeded network on `device`; built on the CPU: initial weights depend on the seed only."""
-    make_deterministic(cfg.seed)
-    model = build_model(model_cfg).to(device)
-    if cfg.channels_last:  # NHWC convolutions: faster on CPUs and tensor cores
-        model = model.to(memory_format=torch.channels_last)
-    return model
 
 
 def start_workers(cfg: TrainConfig, checkpoint: Path) -> None:

@@ -12,7 +12,7 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from pipeline import preprocess, runtime, train
+from pipeline import engine, preprocess, runtime, train
 
 from .conftest import run_main
 
@@ -54,12 +54,14 @@ def test_cuda_runs_are_tagged_with_versions_and_device_name(monkeypatch) -> None
     assert tags == {
         "device": "cuda",
         "torch_version": torch.__version__,
+        "threads": str(torch.get_num_threads()),
         "cuda_version": "13.0",
         "cudnn_version": "91300",
         "device_name": "NVIDIA H100 80GB HBM3",
         "gpu_driver_version": "570.124.06",
     }
-    assert runtime.device_tags(torch.device("cpu")) == {"device": "cpu", "torch_version": torch.__version__}
+    tags = {"device": "cpu", "torch_version": torch.__version__, "threads": str(torch.get_num_threads())}
+    assert runtime.device_tags(torch.device("cpu")) == tags
 
 
 def md5(path) -> str:
@@ -97,7 +99,7 @@ def test_data_split_and_initial_weights_do_not_depend_on_the_device(
     instead of on the CPU before the move would have no values, and the comparison would fail.
     """
     initial: dict[str, dict[str, torch.Tensor]] = {}
-    real_build = train.build_model
+    real_build = engine.build_model
 
     def recording_build(cfg):
         model = real_build(cfg)
@@ -107,7 +109,7 @@ def test_data_split_and_initial_weights_do_not_depend_on_the_device(
     def stop(*args, **kwargs):
         raise StopTraining
 
-    monkeypatch.setattr(train, "build_model", recording_build)
+    monkeypatch.setattr(engine, "build_model", recording_build)
     monkeypatch.setattr(train, "fit", stop)
     monkeypatch.setattr(train, "pick_device", lambda name, key: torch.device("meta" if name == "cuda" else name))
     params = yaml.safe_load((workdir / "params.yaml").read_text())

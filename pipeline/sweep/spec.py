@@ -1,0 +1,213 @@
+"""A sweep file, sweeps/<name>.yaml: the search space over params.yaml keys, the objective, the
+budget, the sampler and the pruner; validated at load time with the key's name."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from pipeline import recipe
+from pipeline.errors import ParamsError
+from pipeline.params import ModelConfig, TrainConfig, parse_section, read_params
+
+SWEEPS = Path("sweeps")
+# The validation metrics a trial reports each epoch, and the way each is better. The test set
+# is never used to choose: evaluate reads it once, for the model the sweep picked.
+OBJECTIVES = {"val_accuracy": "maximize", "val_loss": "minimize"}
+# What a trial runs on is the worker's business (--jobs, one GPU each), not a searched param.
+NOT_SEARCHED = {"train.device", "train.nproc", "train.nnodes", "train.rdzv_endpoint"}
+SAMPLERS = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler, "grid": None}
+PRUNERS = {
+    "median": optuna.pruners.MedianPruner,
+    "percentile": optuna.pruners.PercentilePruner,
+    "hyperband": optuna.pruners.HyperbandPruner,
+    "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+    "none": optuna.pruners.NopPruner,
+}
+KINDS = {"float": ("low", "high"), "int": ("low", "high"), "categorical": ("choices",)}
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searched key: `float` or `int` in [low, high] (log scale, step), or `categorical` choices."""
+
+    key: str
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple[Any, ...] = ()
+
+    def suggest(self, trial: optuna.Trial) -> Any:
+        if self.kind == "float":
+            return trial.suggest_float(self.key, self.low, self.high, log=self.log, step=self.step)
+        if self.kind == "int":
+            return trial.suggest_int(self.key, int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
+        return trial.suggest_categorical(self.key, list(self.choices))
+
+    def grid(self) -> list[Any]:
+        """Every value, for the grid sampler: categorical choices or an int range."""
+        if self.kind == "categorical":
+            return list(self.choices)
+        if self.kind == "int" and not self.log:
+            return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
+        raise ParamsError(f"params.{self.key}: the grid sampler needs choices or a linear int range, not {self.kind}")
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str
+    path: Path
+    digest: str  # SHA-256 of the file: a study belongs to one version of it
+    params: tuple[Dimension, ...]
+    trials: int
+    objective: str = "val_accuracy"
+    base: str | None = None  # a recipe the trials start from
+    fixed: dict[str, Any] = field(default_factory=dict)
+    sampler: dict[str, Any] = field(default_factory=lambda: {"name": "tpe"})
+    pruner: dict[str, Any] = field(default_factory=lambda: {"name": "median"})
+    heartbeat: int = 10
+
+    @property
+    def direction(self) -> str:
+        return OBJECTIVES[self.objective]
+
+    def make_sampler(self, seed: int | None) -> optuna.samplers.BaseSampler:
+        """The sampler the file names, seeded with `seed` (each worker its own: see workers.py)."""
+        name, options = self.sampler["name"], {k: v for k, v in self.sampler.items() if k not in ("name", "seed")}
+        if name == "grid":
+            return optuna.samplers.GridSampler({d.key: d.grid() for d in self.params}, seed=seed)
+        return _construct(SAMPLERS[name], options | {"seed": seed}, "sampler")
+
+    def make_pruner(self) -> optuna.pruners.BasePruner:
+        options = {k: v for k, v in self.pruner.items() if k != "name"}
+        return _construct(PRUNERS[self.pruner["name"]], options, "pruner")
+
+    def overrides(self, trial: optuna.Trial) -> dict[str, Any]:
+        """The flat params.yaml keys of one trial: the fixed ones, then the sampled ones."""
+        return {**self.fixed, **{d.key: d.suggest(trial) for d in self.params}}
+
+    def configs(self, overrides: dict[str, Any], params: Path = Path("params.yaml")) -> tuple[ModelConfig, TrainConfig]:
+        """params.yaml's model and train sections under the base recipe and `overrides`, validated."""
+        return configs(self.recipe_values(overrides), params)
+
+    def recipe_values(self, overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """The base recipe with `overrides` on top, as a recipe's sections: what recipes/<sweep>-best.yaml holds."""
+        sections: dict[str, dict[str, Any]] = {s: dict(v) for s, v in (_base(self.base) or {}).items()}
+        for key, value in overrides.items():
+            section, name = key.split(".", 1)
+            sections.setdefault(section, {})[name] = value
+        return sections
+
+
+def configs(sections: dict[str, dict[str, Any]], params: Path = Path("params.yaml")) -> tuple[ModelConfig, TrainConfig]:
+    current = read_params(params)
+    model = parse_section("model", ModelConfig, {**(current.get("model") or {}), **sections.get("model", {})}, params)
+    train = parse_section("train", TrainConfig, {**(current.get("train") or {}), **sections.get("train", {})}, params)
+    return model, train
+
+
+def _base(name: str | None) -> dict[str, dict[str, Any]] | None:
+    return recipe.load_recipe(name) if name else None
+
+
+def _construct(cls: type, options: dict[str, Any], key: str) -> Any:
+    try:
+        return cls(**options)
+    except TypeError as e:  # an unknown or missing setting: Optuna's own words name it
+        raise ParamsError(f"{key}: {e}") from None
+
+
+def _check(ok: bool, key: str, expected: str, got: Any) -> None:
+    if not ok:
+        raise ParamsError(f"{key} must be {expected}, got {got!r}")
+
+
+def _searchable(key: str, path: Path) -> None:
+    section, _, name = key.partition(".")
+    fields = {"model": ModelConfig, "train": TrainConfig}.get(section)
+    known = fields is not None and name in fields.__dataclass_fields__
+    _check(known and key not in NOT_SEARCHED, f"{path}: {key}", "a model.* or train.* key of params.yaml", key)
+
+
+def _dimension(key: str, raw: Any, path: Path) -> Dimension:
+    _searchable(key, path)
+    where = f"{path}: params.{key}"
+    _check(isinstance(raw, dict) and raw.get("type") in KINDS, f"{where}.type", "one of float, int, categorical", raw)
+    kind = raw["type"]
+    allowed = {"type", *KINDS[kind], *(("log", "step") if kind != "categorical" else ())}
+    unknown = sorted(set(raw) - allowed)
+    _check(not unknown, where, f"a mapping of {', '.join(sorted(allowed))}", unknown)
+    if kind == "categorical":
+        choices = raw.get("choices")
+        _check(isinstance(choices, list) and len(choices) > 0, f"{where}.choices", "a non-empty list", choices)
+        return Dimension(key, kind, choices=tuple(choices))
+    low, high = raw.get("low"), raw.get("high")
+    number = int if kind == "int" else (int, float)
+    for bound, value in (("low", low), ("high", high)):
+        ok = isinstance(value, number) and not isinstance(value, bool)
+        _check(ok, f"{where}.{bound}", f"a{'n integer' if kind == 'int' else ' number'}", value)
+    _check(low <= high, f"{where}.high", f">= low ({low})", high)
+    log = raw.get("log", False)
+    _check(isinstance(log, bool) and (not log or low > 0), f"{where}.log", "true only with low > 0", log)
+    return Dimension(key, kind, low=low, high=high, log=log, step=raw.get("step"))
+
+
+SWEEP_KEYS = {"recipe", "fixed", "params", "objective", "trials", "sampler", "pruner", "heartbeat"}
+
+
+def load_sweep(name: str, folder: Path = SWEEPS) -> Sweep:
+    """Read and check sweeps/<name>.yaml; every key is checked before any trial runs."""
+    path = folder / f"{name}.yaml"
+    _check(re.fullmatch(r"[\w.-]{1,100}", name) is not None, "the sweep name", "letters, digits, '.', '_', '-'", name)
+    if not path.is_file():
+        found = ", ".join(sorted(p.stem for p in folder.glob("*.yaml"))) or "none"
+        raise ParamsError(f"no sweep {name!r} ({path} not found); sweeps: {found}")
+    raw = read_params(path)
+    unknown = sorted(set(raw) - SWEEP_KEYS)
+    _check(not unknown, f"{path}", f"a mapping of {', '.join(sorted(SWEEP_KEYS))}", unknown)
+    space = raw.get("params")
+    _check(isinstance(space, dict) and len(space) > 0, f"{path}: params", "a mapping of keys to distributions", space)
+    dims = tuple(_dimension(str(k), v, path) for k, v in space.items())
+    fixed = raw.get("fixed") or {}
+    _check(isinstance(fixed, dict), f"{path}: fixed", "a mapping of params.yaml keys to values", fixed)
+    for key in fixed:
+        _searchable(str(key), path)
+    objective = raw.get("objective", "val_accuracy")
+    _check(objective in OBJECTIVES, f"{path}: objective", f"one of {', '.join(OBJECTIVES)}", objective)
+    trials = raw.get("trials")
+    _check(isinstance(trials, int) and trials >= 1, f"{path}: trials", "an integer >= 1", trials)
+    sampler = _named(raw.get("sampler", {"name": "tpe"}), SAMPLERS, f"{path}: sampler")
+    pruner = _named(raw.get("pruner", {"name": "median"}), PRUNERS, f"{path}: pruner")
+    heartbeat = raw.get("heartbeat", 10)
+    _check(isinstance(heartbeat, int) and heartbeat >= 1, f"{path}: heartbeat", "whole seconds >= 1", heartbeat)
+    sweep = Sweep(
+        name=name,
+        path=path,
+        digest=hashlib.sha256(path.read_bytes()).hexdigest(),
+        params=dims,
+        trials=trials,
+        objective=objective,
+        base=raw.get("recipe"),
+        fixed={str(k): v for k, v in fixed.items()},
+        sampler=sampler,
+        pruner=pruner,
+        heartbeat=heartbeat,
+    )
+    # Fail now, not in trial 7: the base recipe, the settings of sampler and pruner, one point of the space.
+    sweep.make_sampler(seed=0)
+    sweep.make_pruner()
+    sweep.configs({d.key: d.grid()[0] if d.kind == "categorical" else d.low for d in dims} | sweep.fixed)
+    return sweep
+
+
+def _named(raw: Any, known: dict[str, Any], key: str) -> dict[str, Any]:
+    raw = {"name": raw} if isinstance(raw, str) else raw
+    _check(isinstance(raw, dict) and raw.get("name") in known, f"{key}.name", f"one of {', '.join(known)}", raw)
+    return dict(raw)

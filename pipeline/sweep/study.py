@@ -1,0 +1,157 @@
+"""The Optuna study of a sweep: where it lives, which trials count, the leaderboard, the best recipe."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import optuna
+import yaml
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from optuna.trial import FrozenTrial, TrialState
+
+from pipeline import tracking
+from pipeline.errors import ParamsError, PipelineError
+from pipeline.files import atomic_path
+from pipeline.sweep.spec import Sweep
+
+log = logging.getLogger("pipeline.sweep")
+STORE_FILE = "sweeps.db"  # one machine's default study store, beside mlflow.db at the repository root
+RUN_ID_ATTR = "mlflow_run_id"  # the trial's user attribute naming its MLflow run
+DONE = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts towards the sweep's `trials`
+MAX_RETRY = 2  # a trial whose worker died is run again by another worker, at most this often
+
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat, retry callback
+
+
+def redact(url: str) -> str:
+    """`url` without its password, for messages: database URLs carry credentials."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
+def default_storage() -> str:
+    return f"sqlite:///{tracking.repo_root() / STORE_FILE}"
+
+
+def end_stale_run(study: optuna.Study, trial: FrozenTrial) -> None:
+    """A trial whose worker stopped beating (SIGKILL, a lost machine): end its MLflow run FAILED,
+    then queue the trial again (Optuna's retry callback) for another worker."""
+    if run_id := trial.user_attrs.get(RUN_ID_ATTR):
+        try:
+            client = MlflowClient()
+            client.set_tag(run_id, "sweep.state", "FAIL")
+            client.set_tag(run_id, "sweep.failure", "the worker stopped answering (heartbeat); trial retried")
+            client.set_terminated(run_id, "FAILED")
+        except MlflowException as e:  # the run is best effort; the study must go on
+            log.warning("could not end MLflow run %s of stale trial %d: %s", run_id, trial.number, e.message)
+    log.warning("trial %d: its worker stopped answering; failed, and queued again", trial.number)
+    optuna.storages.RetryFailedTrialCallback(max_retry=MAX_RETRY)(study, trial)
+
+
+def storage(url: str, heartbeat: int) -> optuna.storages.RDBStorage:
+    """The study's database (SQLite on one machine, PostgreSQL or MySQL for several) with heartbeats:
+    a running trial beats every `heartbeat` s; after 2x without one it is failed and retried."""
+    try:
+        return optuna.storages.RDBStorage(
+            url,
+            # SQLite: a writer waits for another worker's write instead of failing at once.
+            engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True},
+            heartbeat_interval=heartbeat,
+            grace_period=2 * heartbeat,
+            heartbeat_stale_trial_callback=end_stale_run,
+        )
+    except Exception as e:  # bad URL, missing driver, server down: SQLAlchemy's words, on one line
+        raise PipelineError(f"cannot open the study storage {redact(url)}: {str(e).splitlines()[0]}") from e
+
+
+def open_study(sweep: Sweep, url: str, seed: int | None, attrs: dict[str, str]) -> optuna.Study:
+    """Create or join the study named after the sweep; refuse one made from another version of
+    the sweep file or other data (`attrs`), whose trials would not compare."""
+    study = optuna.create_study(
+        study_name=sweep.name,
+        storage=storage(url, sweep.heartbeat),
+        sampler=sweep.make_sampler(seed),
+        pruner=sweep.make_pruner(),
+        direction=sweep.direction,
+        load_if_exists=True,
+    )
+    expected = {"sweep_file_sha256": sweep.digest, **attrs}
+    for key, value in expected.items():
+        found = study.user_attrs.get(key)
+        if found is None:
+            study.set_user_attr(key, value)  # the first worker records them; the others compare
+        elif found != value:
+            raise ParamsError(
+                f"study {sweep.name!r} in {redact(url)} was made with another {key} ({found[:12]}, "
+                f"here {value[:12]}); use the same {sweep.path} and data, or a new sweep name, or delete it: "
+                f"optuna delete-study --study-name {sweep.name} --storage <url>"
+            )
+    return study
+
+
+def load(sweep_name: str, url: str) -> optuna.Study:
+    """An existing study, for the leaderboard."""
+    try:
+        return optuna.load_study(study_name=sweep_name, storage=storage(url, heartbeat=60))
+    except KeyError:
+        raise ParamsError(f"no study {sweep_name!r} in {redact(url)}; start a worker first") from None
+
+
+def fail_stale(study: optuna.Study) -> None:
+    """Fail (and queue again) the running trials whose worker stopped beating."""
+    optuna.storages.fail_stale_trials(study)
+
+
+def count(study: optuna.Study, *states: TrialState) -> int:
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def leaderboard(study: optuna.Study, top: int) -> list[dict[str, Any]]:
+    """The finished trials, best first, then the pruned ones by their last reported value."""
+    sign = -1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1
+    rows = []
+    for t in study.get_trials(deepcopy=False, states=DONE):
+        value = t.value if t.state == TrialState.COMPLETE else _last(t)
+        seconds = (t.datetime_complete - t.datetime_start).total_seconds()
+        rows.append(
+            {"trial": t.number, "state": t.state.name, "value": value, "epochs": len(t.intermediate_values),
+             "seconds": round(seconds, 1), **t.params, "mlflow_run": t.user_attrs.get(RUN_ID_ATTR, "")}
+        )  # fmt: skip
+    rows.sort(key=lambda r: (r["state"] != "COMPLETE", r["value"] is None, sign * (r["value"] or 0)))
+    return rows[:top]
+
+
+def _last(trial: FrozenTrial) -> float | None:
+    values = trial.intermediate_values
+    return values[max(values)] if values else None
+
+
+def write_best_recipe(study: optuna.Study, sweep: Sweep, folder: Path = Path("recipes")) -> Path | None:
+    """recipes/<sweep>-best.yaml: the base recipe with the best trial's params, for
+    `dvc exp run $(python -m pipeline.recipe <sweep>-best)`; None while no trial has completed."""
+    if count(study, TrialState.COMPLETE) == 0:
+        return None
+    best = study.best_trial
+    sections = sweep.recipe_values({**sweep.fixed, **best.params})
+    threads = best.user_attrs.get("threads", "?")
+    header = (
+        f"# {sweep.name}-best: trial {best.number} of sweep {sweep.name}, {sweep.objective} {best.value:.4f}\n"
+        f"# Written {datetime.date.today()} by `python -m pipeline.sweep` from study {sweep.name!r}; the trial\n"
+        f"# ran on {best.user_attrs.get('device', '?')} with {threads} thread(s) (OMP_NUM_THREADS={threads} "
+        "gives the same weights on that machine).\n"
+        f"# Run it: dvc exp run $(python -m pipeline.recipe {sweep.name}-best)\n"
+    )
+    path = folder / f"{sweep.name}-best.yaml"
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(header + yaml.safe_dump(sections, sort_keys=False))
+    return path

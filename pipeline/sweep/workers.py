@@ -1,0 +1,126 @@
+"""Sweep workers: one process runs trials one after another until the study has its trials;
+`--jobs K` starts K of them on this machine with the cores (or GPUs) divided between them."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+from optuna.trial import TrialState
+
+from pipeline import tracking
+from pipeline.data import load_split
+from pipeline.errors import PipelineError
+from pipeline.runtime import pick_device, tune_malloc
+from pipeline.sweep import study as studies
+from pipeline.sweep.spec import Sweep
+from pipeline.sweep.trial import Objective
+
+log = logging.getLogger("pipeline.sweep")
+# Indexes that cluster schedulers give the workers of one submission: Slurm job arrays, Kubernetes
+# indexed Jobs. They keep the workers' sampler seeds apart.
+ARRAY_INDEX_VARS = ("SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX")
+WAIT_SECONDS = 2.0  # how often an idle worker looks at trials running elsewhere
+
+
+def cores() -> int:
+    """The CPUs this process may run on (a Slurm or container cpuset counts, not the host's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def worker_seed(base: int | None, local_index: int, jobs: int, trials_so_far: int) -> int | None:
+    """Each worker its own sampler seed (equal seeds would propose equal first trials); a lone
+    first worker keeps the sweep file's seed, so a one-worker sweep is reproducible."""
+    if base is None:
+        return None
+    array = next((int(os.environ[v]) for v in ARRAY_INDEX_VARS if os.environ.get(v, "").isdigit()), 0)
+    return base + trials_so_far + local_index + jobs * array
+
+
+def work(sweep: Sweep, url: str, data: Path, local_index: int = 0, jobs: int = 1) -> None:
+    """Run trials until the study holds sweep.trials complete or pruned ones. A trial that another
+    worker was running when it died is failed after 2 heartbeats and run again here."""
+    tune_malloc()
+    tracking.connect()  # MLFLOW_TRACKING_URI, else the repository's store; a dead server fails now
+    device = pick_device("auto", "the sweep's device")
+    train, val = load_split(data / "train.pt"), load_split(data / "val.pt")
+    with open(data / "train.pt", "rb") as f:
+        md5 = hashlib.file_digest(f, "md5").hexdigest()
+    commit = tracking.git_commit(ignore=("params.yaml", "dvc.lock", "recipes")) or "unknown"
+    study = studies.open_study(sweep, url, seed=None, attrs={"data.train_md5": md5})
+    study.sampler = sweep.make_sampler(worker_seed(sweep.sampler.get("seed", 0), local_index, jobs, len(study.trials)))
+    dataset = tracking.dataset(*train, source=str(data / "train.pt"), name="mnist-train")
+    tags = {"data.train_md5": md5, "git_commit": commit, **tracking.dvc_tags()}
+    objective = Objective(sweep, _to(train, device), _to(val, device), dataset, device, tags)
+    threads, where = torch.get_num_threads(), studies.redact(url)
+    log.info("worker on %s with %d thread(s), study %r at %s", device, threads, sweep.name, where)
+    waiting_said = False
+    while True:
+        studies.fail_stale(study)
+        done = studies.count(study, *studies.DONE)
+        if done >= sweep.trials:
+            break
+        queued = studies.count(study, TrialState.WAITING)  # retries of trials whose worker died
+        running = studies.count(study, TrialState.RUNNING)
+        if not queued and done + running >= sweep.trials:  # the rest is running elsewhere: wait
+            if not waiting_said:
+                log.info("%d trial(s) left, running in other workers; waiting in case one dies", running)
+                waiting_said = True
+            time.sleep(WAIT_SECONDS)
+            continue
+        study.optimize(objective, n_trials=1, gc_after_trial=False)
+    if path := studies.write_best_recipe(study, sweep):
+        log.info("study %r done: %d trials; best trial %d, %s %.4f; wrote %s", sweep.name, done,
+                 study.best_trial.number, sweep.objective, study.best_value, path)  # fmt: skip
+
+
+def _to(split: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return split[0].to(device), split[1].to(device)
+
+
+def start_local(sweep: Sweep, url: str, data: Path, jobs: int) -> None:
+    """K worker processes on this machine: each gets cores / K threads, or its own GPU on CUDA."""
+    gpus = torch.cuda.device_count()
+    threads = max(1, cores() // jobs)
+    if gpus and jobs > gpus:
+        log.warning("%d jobs on %d GPU(s): some GPUs run several trials at once", jobs, gpus)
+    log.info("%d workers, %s each", jobs, f"one GPU and {threads} thread(s)" if gpus else f"{threads} thread(s)")
+    studies.open_study(sweep, url, seed=None, attrs={})  # created once, before the workers race to
+    procs = []
+    for i in range(jobs):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
+        cmd = [sys.executable, "-m", "pipeline.sweep", "run", sweep.name, "--storage", url, "--data", str(data)]
+        cmd += ["--worker", f"{i}/{jobs}"]
+        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, bufsize=1)
+        threading.Thread(target=_prefix, args=(proc, f"[worker {i}] "), daemon=True).start()
+        procs.append(proc)
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt as e:  # Ctrl-C reached the workers too (one process group); SIGTERM did not
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait()
+        e.add_note("the study keeps every finished trial; run the command again to go on")
+        raise
+    if failed := [f"worker {i} exited {c}" for i, c in enumerate(codes) if c]:
+        kept = "the study keeps every finished trial: run the command again to go on"
+        raise PipelineError(f"{', '.join(failed)}; {kept}")
+
+
+def _prefix(proc: subprocess.Popen, prefix: str) -> None:
+    """A worker's log lines on our stderr, each marked with the worker (its stderr is a pipe, so
+    its per-batch progress bars stay off)."""
+    for line in proc.stderr:
+        sys.stderr.write(prefix + line)

@@ -1,0 +1,138 @@
+"""Sweeps: the file, a worker's trials as MLflow runs, pruning, the best recipe, the train stage's weights."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from pipeline import recipe, train
+from pipeline.errors import ParamsError
+from pipeline.sweep import trial as trial_module
+from pipeline.sweep import workers
+from pipeline.sweep.__main__ import show_board
+from pipeline.sweep.spec import load_sweep
+from pipeline.sweep.study import load, redact
+
+from .conftest import REPO, run_main, set_params, sh
+
+# Two learning rates on a 2-point grid, the good one first (grid seed 1): the second trial is
+# behind the first after epoch 1 and the median pruner stops it there.
+TINY = {
+    "params": {"train.lr": {"type": "categorical", "choices": [0.003, 1e-6]}},
+    "fixed": {"train.epochs": 3},
+    "objective": "val_accuracy",
+    "trials": 2,
+    "sampler": {"name": "grid", "seed": 1},
+    "pruner": {"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0},
+    "heartbeat": 1,
+}
+
+
+def write_sweep(folder: Path, name: str = "tiny", **changes) -> Path:
+    path = folder / "sweeps" / f"{name}.yaml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(yaml.safe_dump({**TINY, **changes}, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"params": {"train.device": {"type": "categorical", "choices": ["cpu"]}}}, "train.device must be a model.*"),
+        ({"params": {"train.lr": {"type": "float", "low": 0.1}}}, "params.train.lr.high must be a number"),
+        ({"params": {"train.lr": {"type": "float", "low": 0, "high": 1, "log": True}}}, "log must be true only"),
+        ({"params": {"train.lr": {"type": "normal"}}}, "train.lr.type must be one of float, int, categorical"),
+        ({"objective": "test_accuracy"}, "objective must be one of val_accuracy, val_loss"),
+        ({"sampler": {"name": "cmaes"}}, "sampler.name must be one of tpe, random, grid"),
+        ({"pruner": {"name": "median", "patience": 3}}, "pruner: "),
+        ({"trials": 0}, "trials must be an integer >= 1"),
+        ({"budget": 3}, "must be a mapping of fixed, heartbeat"),
+        ({"fixed": {"train.epochs": 0}}, "train.epochs must be an integer >= 1"),
+        ({"params": {"train.lr": {"type": "float", "low": 0.001, "high": 0.01}}, "sampler": "grid"}, "grid sampler"),
+    ],
+)
+def test_a_bad_sweep_file_is_refused_before_any_trial_naming_the_key(workdir, changes, message) -> None:
+    write_sweep(workdir, **changes)
+    with pytest.raises(ParamsError, match=message.replace("*", r"\*").replace("(", r"\(")):
+        load_sweep("tiny")
+
+
+def test_database_passwords_stay_out_of_messages() -> None:
+    assert redact("postgresql+psycopg2://optuna:s3cret@db.internal:5432/sweeps") == (
+        "postgresql+psycopg2://optuna:***@db.internal:5432/sweeps"
+    )
+    assert redact("sqlite:////repo/sweeps.db") == "sqlite:////repo/sweeps.db"
+
+
+@pytest.mark.slow
+def test_a_worker_prunes_tracks_each_trial_and_its_best_recipe_gives_the_train_stage_weights(
+    processed, monkeypatch
+) -> None:
+    weights: dict[int, dict[str, torch.Tensor]] = {}
+    real_fit = trial_module.fit
+
+    def fit(model, *args, **kwargs):  # the trial's own training, its weights kept for the comparison
+        history = real_fit(model, *args, **kwargs)
+        weights[len(weights)] = {k: v.clone() for k, v in model.state_dict().items()}
+        return history
+
+    monkeypatch.setattr(trial_module, "fit", fit)
+    write_sweep(processed)
+    url = f"sqlite:///{processed / 'sweeps.db'}"
+    workers.work(load_sweep("tiny"), url, Path("data/processed"))
+
+    study = load("tiny", url)
+    first, second = study.trials
+    assert (first.state, second.state) == (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    assert first.params == {"train.lr": 0.003} and list(second.intermediate_values) == [1]  # stopped after epoch 1
+    client = MlflowClient()
+    runs = {r.info.run_name: r for r in client.search_runs(client.get_experiment_by_name("tests").experiment_id)}
+    assert set(runs) == {"tiny-0", "tiny-1"}
+    done, pruned = runs["tiny-0"], runs["tiny-1"]
+    assert (done.info.status, done.data.tags["sweep.state"]) == ("FINISHED", "COMPLETE")
+    assert (pruned.info.status, pruned.data.tags["sweep.state"]) == ("KILLED", "PRUNED")  # the UI shows it stopped
+    for run, epochs in ((done, 3), (pruned, 1)):
+        assert run.data.tags["sweep"] == "tiny" and run.data.params["train.lr"] == str(
+            study.trials[int(run.data.tags["sweep.trial"])].params["train.lr"]
+        )
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == list(
+            range(1, epochs + 1)
+        )
+        assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["mnist-train"]
+    val = [m.value for m in client.get_metric_history(done.info.run_id, "val_accuracy")]
+    assert first.value == val[-1]
+
+    # The best trial as a recipe; the train stage run on it gives the trial's weights, bit for bit.
+    best = yaml.safe_load(Path("recipes/tiny-best.yaml").read_text())
+    assert best == {"train": {"lr": 0.003, "epochs": 3}}
+    assert recipe.set_flags(recipe.load_recipe("tiny-best")) == ["-S", "train.epochs=3", "-S", "train.lr=0.003"]
+    set_params(processed, "train", lr=0.003, epochs=3)
+    run_main(train, monkeypatch, "--data", "data/processed", "--out", "models")
+    stage = torch.load("models/model.pt", weights_only=True)
+    assert stage["history"][-1]["val_accuracy"] == first.value
+    assert all(torch.equal(stage["state_dict"][k], v) for k, v in weights[0].items())
+
+
+@pytest.mark.slow
+def test_jobs_2_runs_two_workers_with_the_cores_divided_and_prints_the_leaderboard(processed, capsys) -> None:
+    write_sweep(processed, trials=4, sampler={"name": "random", "seed": 0}, pruner="none",
+                params={"train.lr": {"type": "float", "low": 0.001, "high": 0.005, "log": True}})  # fmt: skip
+    out = sh(processed, sys.executable, "-m", "pipeline.sweep", "run", "tiny", "--jobs", "2", PYTHONPATH=str(REPO))
+    assert f"2 workers, {max(1, workers.cores() // 2)} thread(s) each" in out  # the cores divided
+    study = load("tiny", f"sqlite:///{processed / 'sweeps.db'}")
+    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(finished) == 4 and len({t.number for t in finished}) == 4
+    assert len({t.user_attrs["worker"] for t in finished}) == 2  # both workers took trials
+    assert {t.user_attrs["threads"] for t in finished} == {str(max(1, workers.cores() // 2))}
+    assert "[worker 0]" in out and "[worker 1]" in out
+    show_board(load_sweep("tiny"), f"sqlite:///{processed / 'sweeps.db'}", top=10)
+    board = capsys.readouterr().out
+    assert "4/4 trials done (4 complete, 0 pruned)" in board and "recipes/tiny-best.yaml" in board
+    best = study.best_trial
+    assert yaml.safe_load(Path("recipes/tiny-best.yaml").read_text())["train"]["lr"] == best.params["train.lr"]
