@@ -155,6 +155,61 @@ def test_parallel_stages_share_one_new_sqlite_store(tmp_path, workers) -> None:
         )
 
 
+RACER = """
+import sys, time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from pipeline import tracking
+from pipeline.params import MlflowConfig
+
+me, workers, rounds = map(int, sys.argv[1:])
+tracking.connect()
+images, labels = torch.zeros(50, 1, 28, 28, dtype=torch.uint8), torch.arange(50) % 10
+for r in range(rounds):
+    # A barrier: every process starts logging into the round's new experiment at the same moment.
+    Path(f"ready-{r}-{me}").touch()
+    while len(list(Path().glob(f"ready-{r}-*"))) < workers:
+        time.sleep(0.005)
+    try:
+        with tracking.start_run(MlflowConfig(experiment_name=f"race-{r}"), f"w{me}"):
+            for k in range(6):  # six first inserts a round, each a chance to collide
+                tracking.log_dataset(images[k:], labels[k:], f"split{k}.pt", f"split-{k}", "training")
+    except Exception:
+        for later in range(r + 1, rounds):  # the others must not wait for us at the next barriers
+            Path(f"ready-{later}-{me}").touch()
+        raise
+"""
+
+
+@pytest.mark.slow
+def test_parallel_runs_log_the_same_datasets_into_a_fresh_experiment_at_once(tmp_path) -> None:
+    """4 real processes, 10 rounds: each round all log the same two datasets into a new experiment at
+    once (the first insert of a dataset is a race; SQLite refused the loser: UNIQUE constraint)."""
+    workers, rounds = 4, 10  # without the retry, some round failed in each of 3 tries
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracking.connect(env["MLFLOW_TRACKING_URI"])
+    tracking.experiment_id("race-setup")  # the store exists; the racers race on datasets, not on its schema
+    cmd = [sys.executable, "-c", RACER, "", str(workers), str(rounds)]
+    procs = [
+        subprocess.Popen(cmd[:3] + [str(i)] + cmd[4:], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+        for i in range(workers)
+    ]
+    errors = [p.communicate()[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(errors)
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    for r in range(rounds):
+        runs = client.search_runs([client.get_experiment_by_name(f"race-{r}").experiment_id])
+        assert len(runs) == workers and {r.info.status for r in runs} == {"FINISHED"}
+        for run in runs:
+            assert sorted(d.dataset.name for d in run.inputs.dataset_inputs) == [f"split-{k}" for k in range(6)]
+        digests = {d.dataset.digest for run in runs for d in run.inputs.dataset_inputs}
+        assert len(digests) == 6  # one dataset row each, shared by the runs
+
+
 @pytest.mark.slow
 def test_sigterm_ends_the_run_killed_keeps_the_checkpoint_and_the_next_run_resumes_it(processed, monkeypatch) -> None:
     """`kill`, `timeout`, a batch scheduler: exit 143, one line, run KILLED; then it resumes, each epoch once."""
