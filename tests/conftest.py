@@ -139,7 +139,6 @@ def copy_repo(dest: Path) -> Path:
         ".ruff_cache",
         "tmp",
         "cache",
-        "node_modules",  # plots/: only plots/page.html, built from it, is needed
     )
     shutil.copytree(REPO, dest, ignore=ignore)
     return dest

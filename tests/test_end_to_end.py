@@ -215,7 +215,7 @@ def test_plots_show_and_diff_draw_offline_in_a_browser(repo, tmp_path) -> None:
     each plot of dvc.yaml once, titled and labelled, drawn; the diff overlays both revisions."""
     binary = needed(chromium(), "no headless browser: `apt-get install chromium` (.ci/run does)")
     template = repo / "plots/page.html"  # .dvc/config's plots.html_template, copied from the checkout
-    needed(template if template.is_file() else None, "no plots/page.html: run `make setup` (npm ci) first")
+    needed(template if template.is_file() else None, "no plots/page.html: run `make setup` first")
     plots = yaml.safe_load((repo / "dvc.yaml").read_text())["plots"]  # {id: props} or an image's path
     drawn = {name: props for plot in plots if isinstance(plot, dict) for name, props in plot.items()}
     images = [plot for plot in plots if isinstance(plot, str)]
