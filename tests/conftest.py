@@ -160,6 +160,15 @@ def sh(repo: Path, *cmd: str, ok: bool = True, **env: str) -> str:
     return output
 
 
+def needed(what, message: str):
+    """`what`, or skip the test saying `message`; in CI (CI=true) fail instead: it must run there."""
+    if what is None:
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return what
+
+
 def synthetic_repo(root: Path) -> Path:
     """A git copy of the repo under `root` whose params read synthetic IDX files from root/source."""
     source = root / "source"

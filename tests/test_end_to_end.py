@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import os
 import re
 import subprocess
 import time
@@ -14,7 +13,7 @@ import yaml
 from mlflow import MlflowClient
 
 from .browser import Browser, Visit, chromium
-from .conftest import sh, sh_env, synthetic_repo
+from .conftest import needed, sh, sh_env, synthetic_repo
 
 pytestmark = pytest.mark.slow
 
@@ -181,15 +180,6 @@ def test_dvc_queue_kill_leaves_no_run_running(repo) -> None:
     wait_for_queue(repo)
     (run,) = runs_named(repo, "long")
     assert run.info.status == "KILLED"
-
-
-def needed(what, message: str):
-    """`what`, or skip the test saying `message`; in CI (CI=true) fail instead: it must run there."""
-    if what is None:
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return what
 
 
 def vega_specs(page: Path) -> dict[str, dict]:

@@ -1,8 +1,12 @@
 """The offline `dvc plots show` page: DVC's template with the Vega libraries of the
 vl-convert-python wheel inlined, built by `make setup` with no Node.js."""
 
+import os
 import re
+import shutil
+import subprocess
 import sys
+import time
 from importlib.metadata import version
 from pathlib import Path
 
@@ -12,7 +16,8 @@ from dvc_render import VegaRenderer, render_html
 from pipeline import plots_page
 from pipeline.errors import PipelineError
 
-from .conftest import REPO
+from .browser import Browser, chromium
+from .conftest import REPO, copy_repo, needed
 
 
 def fill(template: Path, folder: Path) -> Path:
@@ -67,3 +72,45 @@ def test_requirements_pin_the_wheel_exactly_and_it_is_the_installed_one() -> Non
     (pin,) = re.findall(r"^vl-convert-python==(\S+)$", (REPO / "requirements.txt").read_text(), re.M)
     assert pin == version("vl-convert-python")
     assert not (REPO / "plots/package.json").exists()  # the npm route is gone
+
+
+@pytest.mark.slow
+def test_make_setup_without_node_builds_a_page_that_draws_offline(tmp_path) -> None:
+    """`make setup` in a repo copy whose PATH has make and nothing else (no node, no npm), with
+    this venv as the installed one; then the page, filled as DVC does, draws in headless Chromium."""
+    binary = needed(chromium(), "no headless browser: `apt-get install chromium` (.ci/run does)")
+    repo = copy_repo(tmp_path / "repo")
+    (repo / "plots/page.html").unlink(missing_ok=True)
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "make").symlink_to(shutil.which("make"))
+    venv = Path(sys.prefix)  # the Makefile puts its bin/ first on PATH
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    env["PATH"] = str(tools)
+    for tool in ("node", "npm", "npx"):
+        assert shutil.which(tool, path=f"{venv / 'bin'}{os.pathsep}{tools}") is None, tool
+
+    # A fresh machine's set-up: pip and the page, nothing of Node.js (dry run: no install here).
+    fresh = subprocess.run(["make", "-n", "setup", "VENV=fresh"], cwd=repo, env=env, capture_output=True, text=True)
+    assert fresh.returncode == 0 and "pip install -r requirements.txt" in fresh.stdout, fresh.stdout + fresh.stderr
+    assert "python -m pipeline.plots_page" in fresh.stdout and not re.search(r"\b(npm|node|npx)\b", fresh.stdout)
+
+    # The real one, this venv standing for the installed one (-o: its pip step is not redone).
+    start = time.monotonic()
+    setup = subprocess.run(
+        ["make", "-o", f"{venv}/.installed", "setup", f"VENV={venv}"], cwd=repo, env=env, capture_output=True, text=True
+    )
+    assert setup.returncode == 0, setup.stdout + setup.stderr
+    assert time.monotonic() - start < 30
+    template = repo / "plots/page.html"
+    assert "vega-embed@" in template.read_text()
+
+    with Browser(binary, timeout=20) as browser:
+        visit = browser.visit(fill(template, tmp_path / "dvc_plots"), ready=1)
+    (tmp_path / "page.png").write_bytes(visit.screenshot)  # to look at when this fails
+    ((plot,),) = [visit.plots]
+    assert plot["id"] == "loss" and plot["canvas"] and plot["coloured"] > 100, plot  # the curve, not just axes
+    local = (tmp_path / "dvc_plots").resolve().as_uri() + "/"
+    assert all(url.startswith(local) for url in visit.requests), visit.requests
+    assert not visit.errors, visit.errors
+    assert not [w for w in visit.warnings if "Vega-Lite" in w], visit.warnings  # no version mismatch
