@@ -1,7 +1,6 @@
 # `make repro` runs the pipeline, `make test` the tests; both set up .venv first.
 VENV ?= .venv
 PYTHON ?= python3
-NPM ?= npm
 # Stages run `python -m pipeline.<stage>`: put the venv first on PATH for DVC's shell.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
@@ -15,13 +14,10 @@ $(VENV)/.installed: requirements.txt
 	$(VENV)/bin/python -m pip install -r requirements.txt
 	touch $@
 
-# `dvc plots show`'s page (.dvc/config names it) with the Vega libraries inlined, no CDN: `npm ci`
-# installs exactly plots/package-lock.json's versions and checks their integrity hashes.
-plots/node_modules/.package-lock.json: plots/package.json plots/package-lock.json
-	cd plots && $(NPM) ci --ignore-scripts --no-audit --no-fund
-
-plots/page.html: plots/node_modules/.package-lock.json pipeline/plots_page.py $(VENV)/.installed
-	python -m pipeline.plots_page --modules plots/node_modules --lock plots/package-lock.json --out $@
+# `dvc plots show`'s page (.dvc/config names it) with the Vega libraries inlined, no CDN: they come
+# from the vl-convert-python wheel that requirements.txt pins, so no Node.js is needed.
+plots/page.html: pipeline/plots_page.py $(VENV)/.installed
+	python -m pipeline.plots_page --out $@
 
 repro: setup
 	dvc repro

@@ -1,15 +1,16 @@
 """Write the HTML template of `dvc plots show`/`diff`: DVC's own page, with Vega, Vega-Lite and
-Vega-Embed inlined from the npm packages pinned in plots/package-lock.json instead of loaded
-from a CDN, so that every plot draws with no network. `make setup` runs it after `npm ci`."""
+Vega-Embed inlined instead of loaded from a CDN, so that every plot draws with no network. The
+libraries come from the vl-convert-python wheel (requirements.txt pins it, and so their versions):
+no Node.js needed. `make setup` runs it once."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import re
+from importlib.metadata import version
 from pathlib import Path
 
+import vl_convert
 from dvc_render.html import HTML, PAGE_HTML
 
 from pipeline.errors import PipelineError, run_stage
@@ -17,41 +18,36 @@ from pipeline.files import atomic_path
 
 log = logging.getLogger("pipeline.plots_page")
 
-# Each package's browser build, in load order: vega-lite needs vega, vega-embed needs both.
-LIBRARIES = {
-    "vega": "build/vega.min.js",
-    "vega-lite": "build/vega-lite.min.js",
-    "vega-embed": "build/vega-embed.min.js",
-}
+# DVC's chart templates are Vega-Lite 5 specs: the newest Vega-Lite 5 that the wheel carries.
+VEGA_LITE = "5.21"
+# The libraries as page globals: DVC's inline scripts call `vegaEmbed('#<plot id>', spec)`. Vega-Embed
+# 7 draws SVG unless told otherwise; DVC's own page (Vega-Embed 6) draws on a canvas, and so does ours.
+SNIPPET = """window.vega = vega;
+window.vegaLite = vegaLite;
+const embed = (el, spec, opts) => vegaEmbed(el, spec, { renderer: "canvas", ...opts });
+window.vegaEmbed = Object.assign(embed, vegaEmbed);"""
 # The placeholders dvc-render fills; {scripts} (its CDN <script> tags) is the one we replace.
 PLACEHOLDERS = [HTML.SCRIPTS_PLACEHOLDER, HTML.PLOTS_PLACEHOLDER, HTML.REFRESH_PLACEHOLDER]
 
 
-def locked_versions(lock: Path) -> dict[str, str]:
-    """The version package-lock.json pins for each library."""
-    packages = json.loads(lock.read_text())["packages"]
-    try:
-        return {name: packages[f"node_modules/{name}"]["version"] for name in LIBRARIES}
-    except KeyError as e:
-        raise PipelineError(f"{lock} pins no {e.args[0]}; it must list {', '.join(LIBRARIES)}") from None
+def versions(vega_lite: str = VEGA_LITE) -> dict[str, str]:
+    """The version of each library in the bundle (Vega-Lite's as major.minor)."""
+    if vega_lite not in vl_convert.get_vegalite_versions():
+        carried = ", ".join(vl_convert.get_vegalite_versions())
+        raise PipelineError(f"vl-convert-python carries no Vega-Lite {vega_lite} (it has {carried})")
+    return {
+        "vega": vl_convert.get_vega_version(),
+        "vega-lite": vega_lite,
+        "vega-embed": vl_convert.get_vega_embed_version(),
+    }
 
 
-def inline_script(modules: Path, name: str, version: str) -> str:
-    """One library's build as an inline <script>, after checking it is the locked version."""
-    package = modules / name
-    if not (package / "package.json").is_file():
-        raise PipelineError(f"{package} is missing: run `npm ci` in {modules.parent} (make setup does)")
-    installed = json.loads((package / "package.json").read_text())["version"]
-    if installed != version:
-        raise PipelineError(
-            f"{package} is version {installed} but the lock file pins {version}: run `npm ci` in {modules.parent}"
-        )
-    code = (package / LIBRARIES[name]).read_text(encoding="utf8")
-    # The source map is not shipped with the page; without the comment no tool goes looking for it.
-    code = re.sub(r"\n//# sourceMappingURL=\S+\s*$", "\n", code)
+def inline_script(code: str, label: str) -> str:
+    """`code` as an inline <script>, inside a function: the bundle's top-level names (minified
+    `n`, `t`, ...) stay out of the globals that DVC's inline scripts share."""
     if "</script" in code.lower():
-        raise PipelineError(f"{package / LIBRARIES[name]} contains '</script' and cannot be inlined")
-    return f"<script>/* {name}@{version} (npm) */\n{code}</script>"
+        raise PipelineError(f"the {label} bundle contains '</script' and cannot be inlined")
+    return f"<script>/* {label} */\n(() => {{\n{code}\n}})();\n</script>"
 
 
 def page(scripts: list[str]) -> str:
@@ -69,17 +65,15 @@ def page(scripts: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--modules", type=Path, default=Path("plots/node_modules"))
-    parser.add_argument("--lock", type=Path, default=Path("plots/package-lock.json"))
     parser.add_argument("--out", type=Path, default=Path("plots/page.html"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    versions = locked_versions(args.lock)
-    html = page([inline_script(args.modules, name, version) for name, version in versions.items()])
+    libraries = ", ".join(f"{name}@{v}" for name, v in versions().items())
+    label = f"{libraries} (vl-convert-python {version('vl-convert-python')})"
+    html = page([inline_script(vl_convert.javascript_bundle(SNIPPET, vl_version=VEGA_LITE), label)])
     with atomic_path(args.out) as tmp:
         tmp.write_text(html, encoding="utf8")
-    libraries = ", ".join(f"{name}@{version}" for name, version in versions.items())
-    log.info("wrote %s (%d kB) with %s", args.out, len(html) // 1000, libraries)
+    log.info("wrote %s (%d kB) with %s", args.out, len(html) // 1000, label)
 
 
 if __name__ == "__main__":

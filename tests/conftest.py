@@ -139,7 +139,6 @@ def copy_repo(dest: Path) -> Path:
         ".ruff_cache",
         "tmp",
         "cache",
-        "node_modules",  # plots/: only plots/page.html, built from it, is needed
     )
     shutil.copytree(REPO, dest, ignore=ignore)
     return dest
@@ -159,6 +158,15 @@ def sh(repo: Path, *cmd: str, ok: bool = True, **env: str) -> str:
     output = result.stdout + result.stderr
     assert (result.returncode == 0) == ok, f"{' '.join(cmd)} exited {result.returncode}:\n{output[-3000:]}"
     return output
+
+
+def needed(what, message: str):
+    """`what`, or skip the test saying `message`; in CI (CI=true) fail instead: it must run there."""
+    if what is None:
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return what
 
 
 def synthetic_repo(root: Path) -> Path:

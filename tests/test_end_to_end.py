@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import os
 import re
 import subprocess
 import time
@@ -14,7 +13,7 @@ import yaml
 from mlflow import MlflowClient
 
 from .browser import Browser, Visit, chromium
-from .conftest import sh, sh_env, synthetic_repo
+from .conftest import needed, sh, sh_env, synthetic_repo
 
 pytestmark = pytest.mark.slow
 
@@ -183,15 +182,6 @@ def test_dvc_queue_kill_leaves_no_run_running(repo) -> None:
     assert run.info.status == "KILLED"
 
 
-def needed(what, message: str):
-    """`what`, or skip the test saying `message`; in CI (CI=true) fail instead: it must run there."""
-    if what is None:
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return what
-
-
 def vega_specs(page: Path) -> dict[str, dict]:
     """The Vega-Lite spec of each interactive plot in a page DVC wrote, by plot id."""
     found = re.findall(r"var spec = (\{.*?\});\s*vegaEmbed\('#([^']+)'", page.read_text(), re.S)
@@ -215,7 +205,7 @@ def test_plots_show_and_diff_draw_offline_in_a_browser(repo, tmp_path) -> None:
     each plot of dvc.yaml once, titled and labelled, drawn; the diff overlays both revisions."""
     binary = needed(chromium(), "no headless browser: `apt-get install chromium` (.ci/run does)")
     template = repo / "plots/page.html"  # .dvc/config's plots.html_template, copied from the checkout
-    needed(template if template.is_file() else None, "no plots/page.html: run `make setup` (npm ci) first")
+    needed(template if template.is_file() else None, "no plots/page.html: run `make setup` first")
     plots = yaml.safe_load((repo / "dvc.yaml").read_text())["plots"]  # {id: props} or an image's path
     drawn = {name: props for plot in plots if isinstance(plot, dict) for name, props in plot.items()}
     images = [plot for plot in plots if isinstance(plot, str)]

@@ -1,7 +1,13 @@
-"""The offline `dvc plots show` page: DVC's template with the locked Vega libraries inlined."""
+"""The offline `dvc plots show` page: DVC's template with the Vega libraries of the
+vl-convert-python wheel inlined, built by `make setup` with no Node.js."""
 
-import json
+import os
+import re
+import shutil
+import subprocess
 import sys
+import time
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -10,67 +16,101 @@ from dvc_render import VegaRenderer, render_html
 from pipeline import plots_page
 from pipeline.errors import PipelineError
 
-from .conftest import REPO
+from .browser import Browser, chromium
+from .conftest import REPO, copy_repo, needed
 
 
-def fake_modules(root: Path, versions: dict[str, str]) -> tuple[Path, Path]:
-    """A node_modules with a one-line build of each library, and a package-lock.json pinning them."""
-    modules = root / "node_modules"
-    for name, version in versions.items():
-        build = modules / name / plots_page.LIBRARIES[name]
-        build.parent.mkdir(parents=True)
-        build.write_text(f"window.loaded = (window.loaded || []).concat('{name}');\n//# sourceMappingURL={name}.map\n")
-        (modules / name / "package.json").write_text(json.dumps({"name": name, "version": version}))
-    lock = {"packages": {f"node_modules/{name}": {"version": v} for name, v in versions.items()}}
-    (root / "package-lock.json").write_text(json.dumps(lock))
-    return modules, root / "package-lock.json"
+def fill(template: Path, folder: Path) -> Path:
+    """What `dvc plots diff` does with the template: one chart, a loss curve per revision."""
+    points = [
+        {"step": s, "loss": (1 if rev == "HEAD" else 0.6) / s, "rev": rev}
+        for s in range(1, 6)
+        for rev in ("HEAD", "workspace")
+    ]
+    renderer = VegaRenderer(points, "loss", x="step", y="loss")
+    return Path(render_html([renderer], folder / "index.html", html_template=template))
 
 
-VERSIONS = {"vega": "5.1.0", "vega-lite": "5.2.0", "vega-embed": "6.3.0"}
+def test_the_page_inlines_the_bundle_once_and_dvc_fills_it(tmp_path, monkeypatch) -> None:
+    calls = []
 
+    def bundle(snippet: str, vl_version: str) -> str:
+        calls.append((snippet, vl_version))
+        return "window.loaded = true;"
 
-def test_the_page_inlines_the_libraries_in_load_order_and_dvc_fills_it(tmp_path, monkeypatch) -> None:
-    modules, lock = fake_modules(tmp_path, VERSIONS)
+    monkeypatch.setattr(plots_page.vl_convert, "javascript_bundle", bundle)
     out = tmp_path / "page.html"
-    monkeypatch.setattr(sys, "argv", ["plots_page", "--modules", str(modules), "--lock", str(lock), "--out", str(out)])
+    monkeypatch.setattr(sys, "argv", ["plots_page", "--out", str(out)])
     plots_page.main()
+    # One bundle, of the Vega-Lite 5 that DVC's templates are written for, exposing all three globals.
+    ((snippet, vl_version),) = calls
+    assert vl_version == plots_page.VEGA_LITE and vl_version.startswith("5.")
+    assert all(f"window.{name} = " in snippet for name in ("vega", "vegaLite", "vegaEmbed"))
     template = out.read_text()
-    starts = [template.index(f"/* {name}@{version} (npm) */") for name, version in VERSIONS.items()]
-    assert starts == sorted(starts)  # vega, then vega-lite, then vega-embed
-    assert "sourceMappingURL" not in template and "{scripts}" not in template
+    label = f"vega-lite@{plots_page.VEGA_LITE}, vega-embed@"
+    assert label in template and f"(vl-convert-python {version('vl-convert-python')})" in template
+    assert "(() => {\nwindow.loaded = true;\n})();" in template and "{scripts}" not in template
 
     # dvc-render fills it: the plot is there, DVC's CDN <script src=...> tags are not.
-    renderer = VegaRenderer([{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.2}], "loss", x="step", y="loss")
-    page = Path(render_html([renderer], tmp_path / "dvc_plots/index.html", html_template=out)).read_text()
+    page = fill(out, tmp_path / "dvc_plots").read_text()
     assert "vegaEmbed('#loss'" in page and "window.loaded" in page
     assert "<script src=" not in page and "cdn" not in page.lower()
 
 
-def test_a_library_other_than_the_locked_version_is_refused(tmp_path) -> None:
-    modules, lock = fake_modules(tmp_path, VERSIONS)
-    (modules / "vega-lite/package.json").write_text(json.dumps({"version": "5.9.9"}))
-    with pytest.raises(PipelineError, match=r"vega-lite is version 5.9.9 but the lock file pins 5.2.0"):
-        plots_page.inline_script(modules, "vega-lite", plots_page.locked_versions(lock)["vega-lite"])
+def test_a_vega_lite_the_wheel_does_not_carry_is_refused() -> None:
+    with pytest.raises(PipelineError, match=r"vl-convert-python carries no Vega-Lite 4.17 \(it has .*5\."):
+        plots_page.versions("4.17")
 
 
-def test_missing_node_modules_says_to_run_npm_ci(tmp_path) -> None:
-    with pytest.raises(PipelineError, match=r"node_modules/vega is missing: run `npm ci`"):
-        plots_page.inline_script(tmp_path / "node_modules", "vega", "5.1.0")
-
-
-def test_a_library_that_would_close_its_script_tag_is_refused(tmp_path) -> None:
-    modules, _ = fake_modules(tmp_path, VERSIONS)
-    (modules / "vega" / plots_page.LIBRARIES["vega"]).write_text("const s = '</script>';")
+def test_a_library_that_would_close_its_script_tag_is_refused() -> None:
     with pytest.raises(PipelineError, match="cannot be inlined"):
-        plots_page.inline_script(modules, "vega", "5.1.0")
+        plots_page.inline_script("const s = '</script>';", "vega")
 
 
-def test_the_repo_pins_each_library_exactly_with_an_integrity_hash() -> None:
-    """package.json names exact versions; the lock file has them with their sha512, npm ci checks it."""
-    declared = json.loads((REPO / "plots/package.json").read_text())["dependencies"]
-    packages = json.loads((REPO / "plots/package-lock.json").read_text())["packages"]
-    assert set(declared) == set(plots_page.LIBRARIES)
-    for name, version in declared.items():
-        assert packages[f"node_modules/{name}"]["version"] == version
-    assert all(p["integrity"].startswith("sha512-") for key, p in packages.items() if key)
-    assert not any("resolved" in p for p in packages.values())  # no registry host in the repo
+def test_requirements_pin_the_wheel_exactly_and_it_is_the_installed_one() -> None:
+    """The wheel's version fixes the libraries' versions: it must be pinned, and be what runs."""
+    (pin,) = re.findall(r"^vl-convert-python==(\S+)$", (REPO / "requirements.txt").read_text(), re.M)
+    assert pin == version("vl-convert-python")
+    assert not (REPO / "plots/package.json").exists()  # the npm route is gone
+
+
+@pytest.mark.slow
+def test_make_setup_without_node_builds_a_page_that_draws_offline(tmp_path) -> None:
+    """`make setup` in a repo copy whose PATH has make and nothing else (no node, no npm), with
+    this venv as the installed one; then the page, filled as DVC does, draws in headless Chromium."""
+    binary = needed(chromium(), "no headless browser: `apt-get install chromium` (.ci/run does)")
+    repo = copy_repo(tmp_path / "repo")
+    (repo / "plots/page.html").unlink(missing_ok=True)
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "make").symlink_to(shutil.which("make"))
+    venv = Path(sys.prefix)  # the Makefile puts its bin/ first on PATH
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    env["PATH"] = str(tools)
+    for tool in ("node", "npm", "npx"):
+        assert shutil.which(tool, path=f"{venv / 'bin'}{os.pathsep}{tools}") is None, tool
+
+    # A fresh machine's set-up: pip and the page, nothing of Node.js (dry run: no install here).
+    fresh = subprocess.run(["make", "-n", "setup", "VENV=fresh"], cwd=repo, env=env, capture_output=True, text=True)
+    assert fresh.returncode == 0 and "pip install -r requirements.txt" in fresh.stdout, fresh.stdout + fresh.stderr
+    assert "python -m pipeline.plots_page" in fresh.stdout and not re.search(r"\b(npm|node|npx)\b", fresh.stdout)
+
+    # The real one, this venv standing for the installed one (-o: its pip step is not redone).
+    start = time.monotonic()
+    setup = subprocess.run(
+        ["make", "-o", f"{venv}/.installed", "setup", f"VENV={venv}"], cwd=repo, env=env, capture_output=True, text=True
+    )
+    assert setup.returncode == 0, setup.stdout + setup.stderr
+    assert time.monotonic() - start < 30
+    template = repo / "plots/page.html"
+    assert "vega-embed@" in template.read_text()
+
+    with Browser(binary, timeout=20) as browser:
+        visit = browser.visit(fill(template, tmp_path / "dvc_plots"), ready=1)
+    (tmp_path / "page.png").write_bytes(visit.screenshot)  # to look at when this fails
+    ((plot,),) = [visit.plots]
+    assert plot["id"] == "loss" and plot["canvas"] and plot["coloured"] > 100, plot  # the curve, not just axes
+    local = (tmp_path / "dvc_plots").resolve().as_uri() + "/"
+    assert all(url.startswith(local) for url in visit.requests), visit.requests
+    assert not visit.errors, visit.errors
+    assert not [w for w in visit.warnings if "Vega-Lite" in w], visit.warnings  # no version mismatch
