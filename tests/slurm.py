@@ -154,7 +154,8 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
         (root / folder).mkdir()
     conf = root / "slurm.conf"
     user = getpass.getuser()
-    conf.write_text(slurm_conf(root, *free_ports(2), cpus=os.cpu_count() or 1, user=user))
+    cpus = len(os.sched_getaffinity(0))  # as `nproc`: a container's cpuset, not the host's cores
+    conf.write_text(slurm_conf(root, *free_ports(2), cpus=cpus, user=user))
     env = client_env(conf)
     subprocess.run([tool("mungekey"), "--create", "--keyfile", root / "munge.key"], check=True, capture_output=True)
     daemons: list[subprocess.Popen] = []
