@@ -70,8 +70,8 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
-# Without this every daemon logs errors for the PMIx library Debian's plugin cannot load.
-MpiDefault=none
+# Start-up logs errors that are harmless here: `can not load PMIx library` (Debian's mpi/pmix
+# plugin, loaded whatever MpiDefault says) and `Could not open ... state file` (a fresh state dir).
 MailProg=/bin/true
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
