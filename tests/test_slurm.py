@@ -1,15 +1,19 @@
 """Job arrays on a real one-node Slurm: tasks run side by side, and the sweep script starts workers."""
 
-import json
 import os
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
+from mlflow import MlflowClient
+
+from pipeline.sweep.study import load
 
 from . import slurm
 from .conftest import REPO
 from .slurm import submit_array
+from .test_sweep import write_sweep
 
 pytestmark = pytest.mark.slow
 slurm_cluster = slurm.slurm_cluster  # the fixture, here by name (an import would trip ruff's F811)
@@ -20,11 +24,6 @@ TIMED_TASK = """#!/bin/bash
 start=$(date +%s.%N)
 sleep 1
 echo "$SLURM_ARRAY_TASK_ID $SLURM_CPUS_ON_NODE $start $(date +%s.%N)" > "task-$SLURM_ARRAY_TASK_ID.txt"
-"""
-# Stands in for the real worker: reports what `python -m pipeline.sweep ...` was started with.
-STAND_IN_WORKER = """import json, os, sys
-env = {k: os.environ.get(k) for k in ("SLURM_ARRAY_TASK_ID", "MLFLOW_TRACKING_URI", "OMP_NUM_THREADS")}
-print(json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd(), "python": sys.executable, **env}))
 """
 
 
@@ -39,28 +38,27 @@ def test_array_tasks_run_side_by_side_on_one_cpu_each(slurm_cluster, tmp_path: P
     assert max(start0, start1) < min(end0, end1), f"the two tasks ran one after the other: {rows}"
 
 
-def test_sweep_script_starts_the_worker_in_the_submit_dir(slurm_cluster, tmp_path: Path) -> None:
-    repo = tmp_path / "repo"  # no .venv in it: the `python` on the exported PATH must run the worker
-    (repo / "pipeline/sweep").mkdir(parents=True)
-    (repo / "pipeline/__init__.py").touch()
-    (repo / "pipeline/sweep/__init__.py").touch()
-    (repo / "pipeline/sweep/__main__.py").write_text(STAND_IN_WORKER)
-    venv_bin = Path(sys.executable).parent
-    env = {**slurm_cluster.env, "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}"}
-    env.update(SWEEP_STORAGE="postgresql://u@db/optuna", MLFLOW_TRACKING_URI="http://mlflow:5000")
-    args = ["fast-search", "--jobs", "1"]
+def test_a_job_array_of_two_sweep_workers_completes_every_trial_of_one_study(slurm_cluster, processed) -> None:
+    """The real sweeps/slurm-array.sbatch: 2 array tasks, each a worker (one CPU, one thread) on one study."""
+    write_sweep(processed, trials=6, sampler={"name": "random", "seed": 0}, pruner="none",
+                params={"train.lr": {"type": "float", "low": 0.001, "high": 0.005, "log": True}})  # fmt: skip
+    venv_bin = Path(sys.executable).parent  # no .venv in the submit dir: the exported PATH's python runs
+    study_url, store = f"sqlite:///{processed / 'sweeps.db'}", f"sqlite:///{processed / 'mlflow.db'}"
+    env = {**slurm_cluster.env, "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(REPO)}
+    env.update(SWEEP_STORAGE=study_url, MLFLOW_TRACKING_URI=store)
     status, outputs = submit_array(
-        slurm_cluster, SWEEP_SCRIPT, args, n=2, submit_dir=repo, out_dir=tmp_path / "out", env=env
+        slurm_cluster, SWEEP_SCRIPT, ["tiny"], n=2, submit_dir=processed, out_dir=processed / "slurm", env=env
     )
     assert status == 0, outputs
-    runs = [json.loads(out.splitlines()[-1]) for out in outputs]
-    assert [r["SLURM_ARRAY_TASK_ID"] for r in runs] == ["0", "1"]
-    for run in runs:
-        assert run["argv"] == ["run", "fast-search", "--storage", "postgresql://u@db/optuna", "--jobs", "1"]
-        assert run["cwd"] == str(repo)  # not the job's --chdir: the script cds to $SLURM_SUBMIT_DIR
-        assert run["python"] == str(venv_bin / "python")
-        assert run["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
-        assert run["OMP_NUM_THREADS"] == "1"  # the task's one CPU, not the node's two
+    finished = [t for t in load("tiny", study_url).trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.number for t in finished) == list(range(6))  # each trial once, all complete
+    assert len({t.user_attrs["worker"] for t in finished}) == 2, outputs  # both tasks took trials
+    assert {t.user_attrs["threads"] for t in finished} == {"1"}  # the task's one CPU, not the node's two
+    client = MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id], "tags.sweep = 'tiny'")
+    assert sorted(r.info.run_name for r in runs) == [f"tiny-{i}" for i in range(6)]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert all("postgres" not in out and "Traceback" not in out for out in outputs)
 
 
 def test_sweep_script_without_storage_fails_and_says_why(slurm_cluster, tmp_path: Path) -> None:
