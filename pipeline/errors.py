@@ -9,6 +9,8 @@ import sys
 from collections.abc import Callable
 from types import FrameType
 
+from pipeline.credentials import redact
+
 
 class PipelineError(Exception):
     """An error the user can fix (a param, an input file); shown as one line, no traceback."""
@@ -34,10 +36,27 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     raise Terminated
 
 
+def _redacting(factory: Callable[..., logging.LogRecord]) -> Callable[..., logging.LogRecord]:
+    """A log record factory whose records hold no URI credentials (see pipeline.credentials)."""
+
+    def make(*args, **kwargs) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        message = record.getMessage()
+        if "@" in message:
+            record.msg, record.args = redact(message), None
+        return record
+
+    make.redacts = True  # type: ignore[attr-defined]
+    return make
+
+
 def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's main(); a PipelineError ends it with one line and exit code 1, Ctrl-C with
-    130 and SIGTERM with 143 (the shell's codes), after the stage's own cleanup."""
+    130 and SIGTERM with 143 (the shell's codes), after the stage's own cleanup. No line it logs
+    or prints holds a URI's user or password."""
     signal.signal(signal.SIGTERM, _terminate)
+    if not getattr(logging.getLogRecordFactory(), "redacts", False):
+        logging.setLogRecordFactory(_redacting(logging.getLogRecordFactory()))
     try:
         main()
         if main.__module__ == "__main__":  # the stage's own process (`python -m pipeline.<stage>`)
@@ -48,7 +67,7 @@ def run_stage(main: Callable[[], None]) -> None:
             sys.stderr.flush()
             os._exit(0)
     except PipelineError as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {redact(str(e))}")
     except KeyboardInterrupt as e:
         terminated = isinstance(e, Terminated)
         # A stage adds what it kept as a note (train: its checkpoint); the default says what it did not write.

@@ -120,6 +120,13 @@ def run_id_of(work: Path) -> str:
     return json.loads((work / "models/mlflow_run.json").read_text())["run_id"]
 
 
+def evaluations_of(client, run_id: str) -> list:
+    """The evaluation runs of the training run `run_id` (evaluate's own runs, nested under it), newest first."""
+    experiment_id = client.get_run(run_id).info.experiment_id
+    query = f"tags.mlflow.parentRunId = '{run_id}'"
+    return client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"])
+
+
 def copy_repo(dest: Path) -> Path:
     """Copy the tracked parts of the repo (no data, no venv) to `dest`."""
     ignore = shutil.ignore_patterns(

@@ -1,6 +1,8 @@
 """Bad input and faults: clear errors, nothing half-written, interrupted training resumes."""
 
 import json
+import logging
+import os
 import re
 import signal
 
@@ -8,7 +10,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from pipeline import download, engine, evaluate, files, preprocess, train
+from pipeline import credentials, download, engine, evaluate, files, preprocess, train
 from pipeline.errors import DataError, PipelineError, run_stage
 from pipeline.mnist import idx_bytes
 
@@ -141,3 +143,20 @@ def test_pipeline_errors_exit_nonzero_with_one_line(monkeypatch, capsys) -> None
     with pytest.raises(SystemExit) as exit_:
         run_stage(bad)
     assert exit_.value.code == "error: train.lr must be a positive number, got -1"  # printed to stderr, status 1
+
+
+def test_credentials_of_a_uri_reach_no_message_or_log(monkeypatch, caplog) -> None:
+    def leaky() -> None:
+        logging.getLogger("pipeline.test").warning("MLflow run at %s", "https://bob:t%40ken@mlflow.example.com/")
+        raise PipelineError("MLflow tracking server https://bob:t%40ken@mlflow.example.com:5000 refused")
+
+    with pytest.raises(SystemExit) as exit_:
+        run_stage(leaky)
+    assert exit_.value.code == "error: MLflow tracking server https://***@mlflow.example.com:5000 refused"
+    assert "MLflow run at https://***@mlflow.example.com/" in caplog.text and "t%40ken" not in caplog.text
+    # What MLflow is given: the URI without them, and the credentials in its own variables.
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    assert credentials.to_env("https://bob:t%40ken@mlflow.example.com:5000/x") == "https://mlflow.example.com:5000/x"
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "bob" and os.environ["MLFLOW_TRACKING_PASSWORD"] == "t@ken"
+    assert credentials.to_env("sqlite:///mlflow.db") == "sqlite:///mlflow.db"

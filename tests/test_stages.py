@@ -15,7 +15,7 @@ from pipeline.errors import DataError, ParamsError
 from pipeline.model import Net
 from pipeline.params import TrainConfig
 
-from .conftest import run_main
+from .conftest import evaluations_of, run_main
 
 
 def test_split_is_seeded_disjoint_and_complete() -> None:
@@ -115,7 +115,9 @@ def test_all_stages_in_process(workdir, monkeypatch) -> None:
 
     run = MlflowClient().get_run(json.loads((workdir / "models/mlflow_run.json").read_text())["run_id"])
     assert run.data.params["train.lr"] == "0.002" and run.data.tags["device"] == "cpu"
-    assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
     assert run.info.status == "FINISHED"
+    (evaluation,) = evaluations_of(MlflowClient(), run.info.run_id)
+    assert evaluation.data.metrics["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+    assert evaluation.info.status == "FINISHED" and evaluation.data.params["evaluate.batch_size"] == "256"
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     assert model.predict(torch.zeros(3, 1, 28, 28).numpy()).shape == (3, 10)

@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 
 from pipeline import tracking
 from pipeline.errors import PipelineError
+from pipeline.evaluation_run import evaluation_run
 
 from .conftest import REPO
 
@@ -117,7 +118,7 @@ def test_under_mlflow_run_evaluate_logs_into_that_run_and_links_the_model_run(wo
     run_file = workdir / "mlflow_run.json"
     run_file.write_text(f'{{"run_id": "{model_run.info.run_id}", "tracking_uri": "unused"}}')
     monkeypatch.setenv("MLFLOW_RUN_ID", this_run.info.run_id)
-    with tracking.resume_run(tracking.read_run_file(run_file)) as run:
+    with evaluation_run(tracking.read_run_file(run_file)) as run:
         mlflow.log_metric("test_accuracy", 0.5)
     assert run.info.run_id == this_run.info.run_id
     logged = MlflowClient().get_run(this_run.info.run_id).data
