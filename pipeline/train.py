@@ -14,7 +14,7 @@ import mlflow
 import pandas as pd
 import torch
 
-from pipeline import distributed, launch, tracking
+from pipeline import checkpoint_run, distributed, launch, tracking
 from pipeline.data import load_split
 from pipeline.distributed import World
 from pipeline.engine import TrainingDiverged, fit  # noqa: F401 (TrainingDiverged: train's error)
@@ -47,9 +47,11 @@ def load_checkpoint(path: Path, expected: dict[str, Any], epochs: int) -> dict[s
     if state.get("fingerprint") != expected:
         diff = _differences(state.get("fingerprint", {}), expected)
         log.warning("checkpoint %s was made with other settings (%s); starting fresh", path, diff)
+        checkpoint_run.end_discarded(state)
         return None
     if len(state["history"]) > epochs:
         log.warning("checkpoint %s is past train.epochs=%d; starting fresh", path, epochs)
+        checkpoint_run.end_discarded(state)
         return None
     log.info("resuming from %s after epoch %d", path, len(state["history"]))
     return state
@@ -164,7 +166,7 @@ def write(
     with open(args.data / "train.pt", "rb") as f:
         data_md5 = hashlib.file_digest(f, "md5").hexdigest()  # streamed: no second copy in memory
     expected = fingerprint(model_cfg, cfg, data_md5)
-    resume = load_checkpoint(args.checkpoint, expected, cfg.epochs)
+    resume = checkpoint_run.resumable(load_checkpoint(args.checkpoint, expected, cfg.epochs), args.checkpoint)
     distributed.broadcast((expected, resume), world)  # the other ranks check their settings against ours
 
     model = build(model_cfg, cfg, device)

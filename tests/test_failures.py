@@ -1,5 +1,7 @@
 """Bad input and faults: clear errors, nothing half-written, interrupted training resumes."""
 
+import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -14,7 +16,7 @@ from pipeline import credentials, download, engine, evaluate, files, preprocess,
 from pipeline.errors import DataError, PipelineError, run_stage
 from pipeline.mnist import idx_bytes
 
-from .conftest import run_main, set_params, synthetic_digits, train_until_checkpoint
+from .conftest import run_id_of, run_main, set_params, synthetic_digits, train_until_checkpoint
 
 images, labels = synthetic_digits(10, seed=0)
 RAW_CASES = {
@@ -103,6 +105,44 @@ def test_checkpoint_from_other_params_is_not_resumed(processed, monkeypatch, cap
     a = torch.load(processed / "models/model.pt", weights_only=True)["state_dict"]
     b = torch.load(processed / "models2/model.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def stale_checkpoint(workdir, run_id: str, **train_settings) -> None:
+    """A checkpoint as train writes it after epoch 0, belonging to `run_id`, for these settings."""
+    cfg = train.load_section("train", train.TrainConfig)
+    cfg = dataclasses.replace(cfg, **train_settings)
+    model_cfg = train.load_section("model", train.ModelConfig)
+    data_md5 = hashlib.md5((workdir / "data/processed/train.pt").read_bytes()).hexdigest()
+    torch.save({"fingerprint": train.fingerprint(model_cfg, cfg, data_md5), "history": [], "run_id": run_id}, "ckpt.pt")
+
+
+def test_a_checkpoint_whose_run_is_not_in_this_store_starts_fresh_saying_why(processed, monkeypatch, caplog) -> None:
+    """Another MLFLOW_TRACKING_URI, or the run deleted: resuming would fail with "Run not found" forever."""
+    set_params(processed, "train", epochs=1)
+    stale_checkpoint(processed, "0" * 32)
+    run_main(train, monkeypatch, "--out", "models", "--checkpoint", "ckpt.pt")
+    (line,) = [r.getMessage() for r in caplog.records if "does not hold" in r.getMessage()]
+    assert line == (
+        f"checkpoint ckpt.pt belongs to MLflow run {'0' * 32}, which {os.environ['MLFLOW_TRACKING_URI']} does not "
+        "hold (another tracking URI, or a deleted run); starting fresh"
+    )
+    run = MlflowClient().get_run(run_id_of(processed))
+    assert run.info.status == "FINISHED" and [
+        m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_loss")
+    ] == [1]
+    assert not (processed / "ckpt.pt").exists()
+
+
+def test_a_discarded_checkpoint_ends_its_interrupted_run_killed(processed, monkeypatch, caplog) -> None:
+    set_params(processed, "train", epochs=1)
+    client = MlflowClient()
+    experiment = client.create_experiment("interrupted")
+    interrupted = client.create_run(experiment).info.run_id  # RUNNING, as a SIGKILL leaves it
+    stale_checkpoint(processed, interrupted, lr=0.5)
+    run_main(train, monkeypatch, "--out", "models", "--checkpoint", "ckpt.pt")
+    assert "made with other settings" in caplog.text
+    assert client.get_run(interrupted).info.status == "KILLED"
+    assert run_id_of(processed) != interrupted
 
 
 @pytest.mark.slow
