@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import signal
+import subprocess
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from pipeline import credentials, download, engine, evaluate, files, preprocess,
 from pipeline.errors import DataError, PipelineError, run_stage
 from pipeline.mnist import idx_bytes
 
-from .conftest import run_id_of, run_main, set_params, synthetic_digits, train_until_checkpoint
+from .conftest import REPO, run_id_of, run_main, set_params, synthetic_digits, train_until_checkpoint
 
 images, labels = synthetic_digits(10, seed=0)
 RAW_CASES = {
@@ -200,3 +201,28 @@ def test_credentials_of_a_uri_reach_no_message_or_log(monkeypatch, caplog) -> No
     assert credentials.to_env("https://bob:t%40ken@mlflow.example.com:5000/x") == "https://mlflow.example.com:5000/x"
     assert os.environ["MLFLOW_TRACKING_USERNAME"] == "bob" and os.environ["MLFLOW_TRACKING_PASSWORD"] == "t@ken"
     assert credentials.to_env("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
+
+
+def test_outputs_reach_the_disk_before_and_after_the_rename(tmp_path, monkeypatch) -> None:
+    """The file's data is flushed before the rename and the folder after it (a power loss must not
+    leave an empty file under the final name), and a kill's leftover temporary folder is git-ignored."""
+    synced, renamed = [], []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        renamed.append(len(synced))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    files.write_json(tmp_path / "metrics.json", {"test_accuracy": 0.9})
+    assert len(synced) == 2 and renamed == [1]
+    assert synced[0].endswith("/metrics.json") and ".metrics.json." in synced[0]  # the temporary file
+    assert synced[1] == str(tmp_path)  # the folder, after the rename
+    leftover = "models/.model.pt.k3j9x2.tmp/model.pt"
+    result = subprocess.run(["git", "check-ignore", "--no-index", "-q", leftover], cwd=REPO)
+    assert result.returncode == 0, f"{leftover} is not ignored by git"
