@@ -101,6 +101,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
         mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")  # a tiny training: sample it often
         mp.delenv("MLFLOW_RUN_ID", raising=False)
+        # The stages call mlflow.set_tracking_uri(): put MLflow's global back on exit, or it would win
+        # over the MLFLOW_TRACKING_URI of every later test.
+        mp.setattr("mlflow.tracking._tracking_service.utils._tracking_uri", None)
         for module, argv in stages:
             mp.setattr("sys.argv", [module.__name__, *argv])
             module.main()

@@ -124,3 +124,24 @@ def test_under_mlflow_run_evaluate_logs_into_that_run_and_links_the_model_run(wo
     logged = MlflowClient().get_run(this_run.info.run_id).data
     assert logged.metrics["test_accuracy"] == 0.5 and logged.tags["model_run_id"] == model_run.info.run_id
     assert "test_accuracy" not in MlflowClient().get_run(model_run.info.run_id).data.metrics
+
+
+def test_git_commit_is_dirty_exactly_when_tracked_files_other_than_the_ignored_ones_differ(
+    tmp_path, monkeypatch
+) -> None:
+    from .conftest import sh
+
+    sh(tmp_path, "git", "init", "-q")
+    for name in ("train.py", "params.yaml"):
+        (tmp_path / name).write_text("x = 1\n")
+    sh(tmp_path, "git", "add", "-A")
+    sh(tmp_path, "git", "commit", "-qm", "first")
+    head = sh(tmp_path, "git", "rev-parse", "HEAD").strip()
+    monkeypatch.chdir(tmp_path)
+    assert tracking.git_commit(ignore=("params.yaml",)) == head
+    (tmp_path / "params.yaml").write_text("x = 2\n")  # what DVC changes in an experiment
+    (tmp_path / "notes.txt").write_text("untracked\n")
+    assert tracking.git_commit(ignore=("params.yaml",)) == head
+    (tmp_path / "train.py").write_text("x = 2\n")  # the code
+    assert tracking.git_commit(ignore=("params.yaml",)) == f"{head}-dirty"
+    assert tracking.git_commit() == f"{head}-dirty"
