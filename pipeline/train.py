@@ -18,7 +18,7 @@ from pipeline import checkpoint_run, distributed, launch, tracking
 from pipeline.data import load_split
 from pipeline.distributed import World
 from pipeline.engine import TrainingDiverged, fit  # noqa: F401 (TrainingDiverged: train's error)
-from pipeline.errors import ParamsError, run_stage
+from pipeline.errors import ParamsError, run_stage, shielded
 from pipeline.files import atomic_path, check_writable, save_torch
 from pipeline.model import build_model
 from pipeline.params import MlflowConfig, ModelConfig, TrainConfig, load_section
@@ -73,7 +73,8 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
 def log_epochs(run_id: str, rows: list[dict[str, float]], kept: str, catch_up: bool = False) -> None:
     """Log the rows (one an epoch). With `catch_up` (a resumed run), only those whose epoch the run
     does not hold yet: a tracking server, down at the time, may not have taken them. Each epoch once."""
-    with tracking.answering(f"{kept}; run again once it answers, to resume into run {run_id}"):
+    # Shielded: SIGTERM or Ctrl-C is raised after the store's write, not inside it (see errors.shielded).
+    with tracking.answering(f"{kept}; run again once it answers, to resume into run {run_id}"), shielded():
         logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "val_loss")} if catch_up else set()
         for row in rows:
             if int(row["epoch"]) not in logged:
