@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pipeline.errors import DataError, run_stage
 from pipeline.files import check_writable, write_bytes
-from pipeline.mnist import FILES, sources, verify
+from pipeline.mnist import FILES, Untrusted, sources, verify
 from pipeline.params import DownloadConfig, load_section
 
 log = logging.getLogger("pipeline.download")
@@ -23,6 +23,8 @@ def fetch(cfg: DownloadConfig) -> tuple[str, dict[str, bytes]]:
             files = source()
             verify(files, cfg.checksums, name)
             return name, files
+        except Untrusted:  # a planted file: stop here, no fallback may hide it
+            raise
         except Exception as e:  # any failure of one source means: try the next one
             log.warning("%s failed: %s", name, e)
             failures.append(f"  - {name}: {type(e).__name__}: {e}")

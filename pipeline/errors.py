@@ -6,8 +6,11 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import FrameType
+
+from pipeline.credentials import redact
 
 
 class PipelineError(Exception):
@@ -30,14 +33,67 @@ class Terminated(KeyboardInterrupt):
     """
 
 
+_held: list[int] | None = None  # inside `shielded()`: the signals that arrived meanwhile
+
+
 def _terminate(signum: int, frame: FrameType | None) -> None:
+    if _held is not None:
+        _held.append(signum)
+        return
     raise Terminated
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    if _held is not None:
+        _held.append(signum)
+        return
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def shielded() -> Iterator[None]:
+    """Hold SIGTERM and Ctrl-C while the block runs, and raise them when it ends.
+
+    For writes to the tracking store: raised inside SQLAlchemy and sqlite3, the exception left the
+    interrupted transaction holding SQLite's lock, so ending the run KILLED then waited for the lock,
+    failed with "database is locked" and a traceback, and left the run RUNNING.
+    """
+    global _held
+    if _held is not None:  # nested: the outer block raises
+        yield
+        return
+    _held = []
+    try:
+        yield
+    finally:
+        held, _held = _held, None
+        if held:
+            raise Terminated if signal.SIGTERM in held else KeyboardInterrupt
+
+
+def _redacting(factory: Callable[..., logging.LogRecord]) -> Callable[..., logging.LogRecord]:
+    """A log record factory whose records hold no URI credentials (see pipeline.credentials)."""
+
+    def make(*args, **kwargs) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        message = record.getMessage()
+        if "@" in message:
+            record.msg, record.args = redact(message), None
+        return record
+
+    make.redacts = True  # type: ignore[attr-defined]
+    return make
 
 
 def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's main(); a PipelineError ends it with one line and exit code 1, Ctrl-C with
-    130 and SIGTERM with 143 (the shell's codes), after the stage's own cleanup."""
+    130 and SIGTERM with 143 (the shell's codes), after the stage's own cleanup. No line it logs
+    or prints holds a URI's user or password."""
     signal.signal(signal.SIGTERM, _terminate)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # Ctrl-C: the same, but shieldable
+        signal.signal(signal.SIGINT, _interrupt)
+    if not getattr(logging.getLogRecordFactory(), "redacts", False):
+        logging.setLogRecordFactory(_redacting(logging.getLogRecordFactory()))
     try:
         main()
         if main.__module__ == "__main__":  # the stage's own process (`python -m pipeline.<stage>`)
@@ -48,7 +104,7 @@ def run_stage(main: Callable[[], None]) -> None:
             sys.stderr.flush()
             os._exit(0)
     except PipelineError as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {redact(str(e))}")
     except KeyboardInterrupt as e:
         terminated = isinstance(e, Terminated)
         # A stage adds what it kept as a note (train: its checkpoint); the default says what it did not write.

@@ -16,6 +16,7 @@ from pipeline import registry, tracking
 from pipeline.data import IMAGE_SIZE, NUM_CLASSES, load_split
 from pipeline.engine import predict
 from pipeline.errors import run_stage
+from pipeline.evaluation_run import evaluation_run, log_linked
 from pipeline.files import atomic_path, check_writable, write_json
 from pipeline.model import load_checkpoint
 from pipeline.params import EvaluateConfig, ModelConfig, RegisterConfig, load_section
@@ -101,7 +102,7 @@ def main() -> None:
     model = load_checkpoint(args.models / "model.pt", expected=model_cfg).to(device)
 
     info = tracking.read_run_file(args.models / "mlflow_run.json")
-    with tracking.resume_run(info):
+    with evaluation_run(info):  # a run of its own, under the training run
         logits = predict(model, images.to(device), cfg.batch_size).cpu()
         predicted = logits.argmax(1)
         metrics = {
@@ -124,7 +125,7 @@ def main() -> None:
 
         mlflow.log_params(tracking.flat_params(evaluate=cfg, register=register_cfg))
         test_set = tracking.log_dataset(images, labels, str(args.data / "test.pt"), "mnist-test", "evaluation")
-        tracking.log_model_metrics(metrics, info["run_id"], test_set)
+        log_linked(metrics, info["run_id"], test_set)
         for name in ("metrics.json", "per_class.csv", "confusion_matrix.png", "misclassified.png"):
             mlflow.log_artifact(str(args.out / name), artifact_path="evaluation")
         with tracking.store_lock():  # parallel experiments: one registration and alias move at a time

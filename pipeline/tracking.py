@@ -31,6 +31,7 @@ from mlflow.models import infer_signature
 from mlflow.utils.credentials import get_default_host_creds
 from mlflow.utils.rest_utils import http_request
 
+from pipeline import credentials
 from pipeline.errors import PipelineError
 from pipeline.files import write_json
 from pipeline.params import MlflowConfig, ModelConfig, TrainConfig
@@ -176,6 +177,7 @@ def connect(uri: str | None = None) -> str:
     """Point MLflow at `uri`, else MLFLOW_TRACKING_URI, else the repository's own store; probe a
     server. Return the URI."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or repo_store_uri()
+    uri = credentials.to_env(uri)  # user:password@ goes to MLflow's env variables, out of every message and file
     mlflow.set_tracking_uri(uri)
     check_tracking_server(uri)
     return uri
@@ -308,24 +310,6 @@ def read_run_file(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-@contextmanager
-def resume_run(info: dict[str, Any]) -> Iterator[mlflow.ActiveRun]:
-    """Reopen the run that train recorded (`info`, from read_run_file), or the one `mlflow run` made."""
-    # No URI in the file: train used the repository's own store (see save_run_file).
-    connect(None if "MLFLOW_TRACKING_URI" in os.environ else info.get("tracking_uri"))
-    # Under `mlflow run` its run is the one the user looks at: log there even when the model
-    # came from an earlier run (evaluate alone, or train restored from DVC's cache), and link it.
-    run_id = os.environ.get("MLFLOW_RUN_ID") or info["run_id"]
-    try:
-        active = mlflow.start_run(run_id=run_id)
-    except MlflowException as e:
-        raise PipelineError(f"cannot reopen MLflow run {run_id} at {mlflow.get_tracking_uri()}: {e.message}") from e
-    with _ending(active) as run:
-        if run_id != info["run_id"]:
-            mlflow.set_tag("model_run_id", info["run_id"])
-        yield run
-
-
 def save_run_file(path: Path, run: mlflow.ActiveRun) -> None:
     """Record the run for the evaluate stage and for `dvc exp show` (a DVC metrics file).
 
@@ -340,7 +324,7 @@ def save_run_file(path: Path, run: mlflow.ActiveRun) -> None:
             "run_id": run.info.run_id,
             "run_name": run.info.run_name,
             "experiment_id": run.info.experiment_id,
-            "tracking_uri": None if uri == repo_store_uri() else uri,
+            "tracking_uri": None if uri == repo_store_uri() else credentials.without_credentials(uri),
         },
     )
 

@@ -14,11 +14,11 @@ import mlflow
 import pandas as pd
 import torch
 
-from pipeline import distributed, launch, tracking
+from pipeline import checkpoint_run, distributed, launch, tracking
 from pipeline.data import load_split
 from pipeline.distributed import World
 from pipeline.engine import TrainingDiverged, build, fit  # noqa: F401 (TrainingDiverged: train's error)
-from pipeline.errors import ParamsError, run_stage
+from pipeline.errors import ParamsError, run_stage, shielded
 from pipeline.files import atomic_path, check_writable, save_torch
 from pipeline.params import MlflowConfig, ModelConfig, TrainConfig, load_section
 from pipeline.runtime import autocast_dtype, device_tags, pick_device, release_memory, tune_malloc
@@ -46,9 +46,11 @@ def load_checkpoint(path: Path, expected: dict[str, Any], epochs: int) -> dict[s
     if state.get("fingerprint") != expected:
         diff = _differences(state.get("fingerprint", {}), expected)
         log.warning("checkpoint %s was made with other settings (%s); starting fresh", path, diff)
+        checkpoint_run.end_discarded(state)
         return None
     if len(state["history"]) > epochs:
         log.warning("checkpoint %s is past train.epochs=%d; starting fresh", path, epochs)
+        checkpoint_run.end_discarded(state)
         return None
     log.info("resuming from %s after epoch %d", path, len(state["history"]))
     return state
@@ -70,7 +72,8 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
 def log_epochs(run_id: str, rows: list[dict[str, float]], kept: str, catch_up: bool = False) -> None:
     """Log the rows (one an epoch). With `catch_up` (a resumed run), only those whose epoch the run
     does not hold yet: a tracking server, down at the time, may not have taken them. Each epoch once."""
-    with tracking.answering(f"{kept}; run again once it answers, to resume into run {run_id}"):
+    # Shielded: SIGTERM or Ctrl-C is raised after the store's write, not inside it (see errors.shielded).
+    with tracking.answering(f"{kept}; run again once it answers, to resume into run {run_id}"), shielded():
         logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "val_loss")} if catch_up else set()
         for row in rows:
             if int(row["epoch"]) not in logged:
@@ -154,7 +157,7 @@ def write(
     with open(args.data / "train.pt", "rb") as f:
         data_md5 = hashlib.file_digest(f, "md5").hexdigest()  # streamed: no second copy in memory
     expected = fingerprint(model_cfg, cfg, data_md5)
-    resume = load_checkpoint(args.checkpoint, expected, cfg.epochs)
+    resume = checkpoint_run.resumable(load_checkpoint(args.checkpoint, expected, cfg.epochs), args.checkpoint)
     distributed.broadcast((expected, resume), world)  # the other ranks check their settings against ours
 
     model = build(model_cfg, cfg, device)

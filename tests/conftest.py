@@ -101,6 +101,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
         mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")  # a tiny training: sample it often
         mp.delenv("MLFLOW_RUN_ID", raising=False)
+        # The stages call mlflow.set_tracking_uri(): put MLflow's global back on exit, or it would win
+        # over the MLFLOW_TRACKING_URI of every later test.
+        mp.setattr("mlflow.tracking._tracking_service.utils._tracking_uri", None)
         for module, argv in stages:
             mp.setattr("sys.argv", [module.__name__, *argv])
             module.main()
@@ -118,6 +121,13 @@ def in_trained(trained: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def run_id_of(work: Path) -> str:
     return json.loads((work / "models/mlflow_run.json").read_text())["run_id"]
+
+
+def evaluations_of(client, run_id: str) -> list:
+    """The evaluation runs of the training run `run_id` (evaluate's own runs, nested under it), newest first."""
+    experiment_id = client.get_run(run_id).info.experiment_id
+    query = f"tags.mlflow.parentRunId = '{run_id}'"
+    return client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"])
 
 
 def copy_repo(dest: Path) -> Path:

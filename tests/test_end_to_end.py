@@ -13,7 +13,7 @@ import yaml
 from mlflow import MlflowClient
 
 from .browser import Browser, Visit, chromium
-from .conftest import needed, sh, sh_env, synthetic_repo
+from .conftest import evaluations_of, needed, sh, sh_env, synthetic_repo
 
 pytestmark = pytest.mark.slow
 
@@ -62,14 +62,15 @@ def test_mlflow_run_holds_the_whole_story(repo, monkeypatch) -> None:
     run = client.get_run(info["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["train.epochs"] == "2" and run.data.params["model.nf"] == "8"
-    assert run.data.params["evaluate.batch_size"] == "256"
     assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == 2
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
     metrics = json.loads((repo / "reports/metrics.json").read_text())
-    assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+    (evaluation,) = evaluations_of(client, run.info.run_id)  # evaluate's own run, nested under train's
+    assert evaluation.data.params["evaluate.batch_size"] == "256"
+    assert evaluation.data.metrics["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
     assert {"git_commit", "device", "torch_version", "data.train_md5", "data.dvc_md5"} <= set(run.data.tags)
     assert run.inputs.dataset_inputs[0].dataset.name == "mnist-train"
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    artifacts = {a.path for a in client.list_artifacts(evaluation.info.run_id, "evaluation")}
     assert "evaluation/confusion_matrix.png" in artifacts and "evaluation/metrics.json" in artifacts
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     import numpy as np
@@ -108,7 +109,35 @@ def test_dvc_exp_run_in_a_temporary_copy_logs_to_the_repo_store(repo) -> None:
     assert run.info.status == "FINISHED" and run.data.tags["dvc.exp_name"] == "short"
     assert run.data.tags["dvc.baseline_rev"] == sh(repo, "git", "rev-parse", "HEAD").strip()
     assert not run.data.tags["git_commit"].endswith("-dirty")  # params.yaml differs, the code does not
-    assert "test_accuracy" in run.data.metrics
+    (evaluation,) = evaluations_of(client_of(repo), run.info.run_id)
+    assert "test_accuracy" in evaluation.data.metrics and evaluation.data.tags["dvc.exp_name"] == "short"
+
+
+def test_changing_an_evaluate_param_re_evaluates_only_and_keeps_the_training_run_finished(repo) -> None:
+    """`dvc exp run -S evaluate.batch_size=128` after a finished pipeline: evaluate alone runs, in a run
+    of its own; the training run stays FINISHED with its params; both evaluations stay on the model."""
+    client = client_of(repo)
+    run_id = json.loads((repo / "models/mlflow_run.json").read_text())["run_id"]
+    before = client.get_run(run_id)
+    out = sh(repo, "dvc", "exp", "run", "--temp", "-n", "rebatch", "-S", "evaluate.batch_size=128")
+    assert "Running stage 'evaluate'" in out and "Running stage 'train'" not in out
+    after = client.get_run(run_id)
+    assert after.info.status == "FINISHED" and after.data.params == before.data.params
+    assert not any(key.startswith(("evaluate.", "register.")) for key in after.data.params)
+    evaluations = evaluations_of(client, run_id)
+    assert [e.data.params["evaluate.batch_size"] for e in evaluations] == ["128", "256"]
+    assert {e.info.status for e in evaluations} == {"FINISHED"}
+    assert evaluations[0].data.tags["dvc.exp_name"] == "rebatch"
+    (classifier,) = client.search_logged_models(
+        experiment_ids=[after.info.experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = 'classifier'"
+    )
+    linked = {m.run_id for m in classifier.metrics if m.key == "test_accuracy" and m.dataset_name == "mnist-test"}
+    assert linked == {e.info.run_id for e in evaluations}
+    # The model is registered once, and `champion` is on the best version.
+    versions = client.search_model_versions("name = 'mnist-cnn'")
+    assert len([v for v in versions if v.run_id == run_id]) == 1
+    champion = client.get_model_version_by_alias("mnist-cnn", "champion")
+    assert float(champion.tags["test_accuracy"]) == max(float(v.tags["test_accuracy"]) for v in versions)
 
 
 def start_queue(repo: Path, jobs: int) -> None:

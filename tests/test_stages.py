@@ -13,9 +13,9 @@ from pipeline.data import load_split, save_split
 from pipeline.engine import train_one_epoch
 from pipeline.errors import DataError, ParamsError
 from pipeline.model import Net
-from pipeline.params import TrainConfig
+from pipeline.params import ModelConfig, TrainConfig
 
-from .conftest import run_main
+from .conftest import evaluations_of, run_main
 
 
 def test_split_is_seeded_disjoint_and_complete() -> None:
@@ -73,17 +73,19 @@ def test_loss_falls_on_a_learnable_task() -> None:
 
 
 def test_same_seed_gives_identical_weights() -> None:
-    cfg = TrainConfig(epochs=2, batch_size=32, lr=1e-3, seed=7)
+    """Through the train stage's own seeding (train.build), not a torch.manual_seed of the test's."""
     data = tiny_data(128)
 
-    def once() -> dict[str, torch.Tensor]:
-        torch.manual_seed(cfg.seed)
-        model = Net(4)
+    def once(seed: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(12345 + seed)  # whatever the global generator was left at
+        cfg = TrainConfig(epochs=2, batch_size=32, lr=1e-3, seed=seed)
+        model = train.build(ModelConfig(nf=4), cfg, torch.device("cpu"))
         train.fit(model, data, data, cfg)
         return model.state_dict()
 
-    a, b = once(), once()
+    a, b, other = once(7), once(7), once(8)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], other[k]) for k in a)
 
 
 def test_confusion_and_per_class() -> None:
@@ -115,7 +117,27 @@ def test_all_stages_in_process(workdir, monkeypatch) -> None:
 
     run = MlflowClient().get_run(json.loads((workdir / "models/mlflow_run.json").read_text())["run_id"])
     assert run.data.params["train.lr"] == "0.002" and run.data.tags["device"] == "cpu"
-    assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
     assert run.info.status == "FINISHED"
+    (evaluation,) = evaluations_of(MlflowClient(), run.info.run_id)
+    assert evaluation.data.metrics["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+    assert evaluation.info.status == "FINISHED" and evaluation.data.params["evaluate.batch_size"] == "256"
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     assert model.predict(torch.zeros(3, 1, 28, 28).numpy()).shape == (3, 10)
+
+
+def test_evaluate_scores_the_test_split_not_another(in_trained) -> None:
+    """metrics.json, predictions.csv and the MLflow metrics all come from data/processed/test.pt."""
+    _, test_labels = load_split(in_trained / "data/processed/test.pt")
+    _, val_labels = load_split(in_trained / "data/processed/val.pt")
+    assert len(test_labels) != len(val_labels)  # the splits are told apart by their size, too
+    predictions = pd.read_csv(in_trained / "reports/predictions.csv")
+    assert predictions["actual"].tolist() == test_labels.tolist()
+    metrics = json.loads((in_trained / "reports/metrics.json").read_text())
+    assert metrics["test_accuracy"] == pytest.approx((predictions["actual"] == predictions["predicted"]).mean())
+    assert pd.read_csv(in_trained / "reports/per_class.csv")["support"].sum() == len(test_labels)
+
+
+def test_the_trained_fixture_leaves_no_tracking_uri_behind(trained, monkeypatch) -> None:
+    """Its stages set MLflow's global tracking URI; left set, it beat the MLFLOW_TRACKING_URI of later tests."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
+    assert mlflow.get_tracking_uri() == "sqlite:///elsewhere.db"

@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 
 from pipeline import tracking
 from pipeline.errors import PipelineError
+from pipeline.evaluation_run import evaluation_run
 
 from .conftest import REPO
 
@@ -117,9 +118,30 @@ def test_under_mlflow_run_evaluate_logs_into_that_run_and_links_the_model_run(wo
     run_file = workdir / "mlflow_run.json"
     run_file.write_text(f'{{"run_id": "{model_run.info.run_id}", "tracking_uri": "unused"}}')
     monkeypatch.setenv("MLFLOW_RUN_ID", this_run.info.run_id)
-    with tracking.resume_run(tracking.read_run_file(run_file)) as run:
+    with evaluation_run(tracking.read_run_file(run_file)) as run:
         mlflow.log_metric("test_accuracy", 0.5)
     assert run.info.run_id == this_run.info.run_id
     logged = MlflowClient().get_run(this_run.info.run_id).data
     assert logged.metrics["test_accuracy"] == 0.5 and logged.tags["model_run_id"] == model_run.info.run_id
     assert "test_accuracy" not in MlflowClient().get_run(model_run.info.run_id).data.metrics
+
+
+def test_git_commit_is_dirty_exactly_when_tracked_files_other_than_the_ignored_ones_differ(
+    tmp_path, monkeypatch
+) -> None:
+    from .conftest import sh
+
+    sh(tmp_path, "git", "init", "-q")
+    for name in ("train.py", "params.yaml"):
+        (tmp_path / name).write_text("x = 1\n")
+    sh(tmp_path, "git", "add", "-A")
+    sh(tmp_path, "git", "commit", "-qm", "first")
+    head = sh(tmp_path, "git", "rev-parse", "HEAD").strip()
+    monkeypatch.chdir(tmp_path)
+    assert tracking.git_commit(ignore=("params.yaml",)) == head
+    (tmp_path / "params.yaml").write_text("x = 2\n")  # what DVC changes in an experiment
+    (tmp_path / "notes.txt").write_text("untracked\n")
+    assert tracking.git_commit(ignore=("params.yaml",)) == head
+    (tmp_path / "train.py").write_text("x = 2\n")  # the code
+    assert tracking.git_commit(ignore=("params.yaml",)) == f"{head}-dirty"
+    assert tracking.git_commit() == f"{head}-dirty"

@@ -23,7 +23,7 @@ from pipeline import tracking
 from pipeline import train as train_stage
 from pipeline.errors import PipelineError
 
-from .conftest import run_main, set_params, train_until_checkpoint
+from .conftest import REPO, run_main, set_params, train_until_checkpoint
 from .test_tracking import free_port
 
 pytestmark = pytest.mark.slow
@@ -73,10 +73,10 @@ def server(tmp_path_factory) -> Iterator[Server]:
 
 
 class Proxy(ThreadingHTTPServer):
-    """Forwards to the server, slowly (`delay` s a request) and answering 503 to the next `failures`."""
+    """Forwards to the server, slowly (`delay` s a request) and answering `status` (503) to the next `failures`."""
 
     def __init__(self, target: str) -> None:
-        self.target, self.delay, self.failures, self.refused = target, 0.0, 0, 0
+        self.target, self.delay, self.failures, self.refused, self.status = target, 0.0, 0, 0, 503
 
         class Handler(BaseHTTPRequestHandler):
             def body(handler) -> bytes:
@@ -95,7 +95,7 @@ class Proxy(ThreadingHTTPServer):
                 if self.failures:
                     self.failures -= 1
                     self.refused += 1
-                    handler.send_response(503)
+                    handler.send_response(self.status)
                     handler.send_header("Content-Length", "0")
                     handler.end_headers()
                     return
@@ -181,3 +181,83 @@ def test_a_server_answering_5xx_beyond_the_retries_is_one_clear_error(server, mo
     assert time.monotonic() - start < 15  # MLflow's retries, bounded by the pipeline's settings
     assert proxy.refused == 1 + int(tracking.HTTP_ENV_DEFAULTS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])
     proxy.shutdown()
+
+
+RACER = """
+import sys, time
+from pathlib import Path
+
+from mlflow import MlflowClient
+from pipeline import registry, tracking
+from pipeline.params import RegisterConfig
+
+run_id, accuracy, role, meet = sys.argv[1], float(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
+tracking.connect()
+if role == "stale":  # decides first and writes last: the write that used to leave the worse champion
+    move = MlflowClient.set_registered_model_alias
+
+    def late(self, *args):
+        MlflowClient.set_registered_model_alias = move
+        (meet / "decided").touch()
+        while not (meet / "other-done").exists():
+            time.sleep(0.05)
+        return move(self, *args)
+
+    MlflowClient.set_registered_model_alias = late
+else:
+    while not (meet / "decided").exists():
+        time.sleep(0.05)
+with tracking.store_lock():  # each clone's own lock: no help across clones
+    print(registry.register_if_good(run_id, accuracy, RegisterConfig(name="shared", min_accuracy=0.5)))
+(meet / f"{role}-done").touch()
+(meet / "other-done").touch()
+"""
+
+
+def test_two_clones_racing_on_one_server_leave_the_champion_on_the_better_version(server, tmp_path) -> None:
+    """Two evaluations on two clones (their own cwd, their own file lock) against one `mlflow server`,
+    in the worst order: the worse model's decides first and moves the alias last."""
+    from .test_registry import model_run
+
+    client = MlflowClient(server.uri)
+    worse, better = model_run(client, "racing"), model_run(client, "racing")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(MLFLOW_TRACKING_URI=server.uri, PYTHONPATH=str(REPO))
+    procs = []
+    for role, run_id, accuracy in (("stale", worse, "0.93"), ("fresh", better, "0.95")):
+        (tmp_path / role).mkdir()
+        cmd = [sys.executable, "-c", RACER, run_id, accuracy, role, str(tmp_path)]
+        procs.append(
+            subprocess.Popen(cmd, cwd=tmp_path / role, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        )
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    champion = client.get_model_version_by_alias("shared", "champion")
+    assert champion.tags["test_accuracy"] == "0.95" and champion.run_id == better
+    assert len(client.search_model_versions("name = 'shared'")) == 2
+
+
+@pytest.mark.parametrize("status", [503, 403])
+def test_a_champion_that_cannot_be_read_stops_the_registration_and_moves_nothing(server, monkeypatch, status) -> None:
+    """Only "not found" means no champion: a server error or a refusal is one line, and nothing is registered."""
+    from pipeline.params import RegisterConfig
+    from pipeline.registry import register_if_good
+
+    from .test_registry import model_run
+
+    client = MlflowClient(server.uri)
+    name = f"guarded-{status}"
+    first, better = model_run(client, "guarded"), model_run(client, "guarded")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    monkeypatch.setattr("mlflow.tracking._tracking_service.utils._tracking_uri", None)
+    assert "no champion before" in register_if_good(first, 0.90, RegisterConfig(name=name, min_accuracy=0.5))
+
+    proxy = Proxy(f"127.0.0.1:{server.port}")
+    proxy.status, proxy.failures = status, 1000
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", proxy.uri)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with pytest.raises(PipelineError, match=f"^registering {name} at {proxy.uri} failed, nothing was moved: "):
+        register_if_good(better, 0.99, RegisterConfig(name=name, min_accuracy=0.5))
+    proxy.shutdown()
+    assert len(client.search_model_versions(f"name = '{name}'")) == 1
+    assert client.get_model_version_by_alias(name, "champion").run_id == first

@@ -23,7 +23,7 @@ from mlflow import MlflowClient
 
 from pipeline import download, preprocess
 
-from .conftest import REPO, run_main
+from .conftest import REPO, evaluations_of, run_main
 from .test_tracking import free_port
 
 pytestmark = pytest.mark.slow
@@ -154,12 +154,25 @@ def test_pipeline_logs_run_history_artifacts_and_model_to_the_server(
     run_main(preprocess, monkeypatch, "--raw", "data/raw", "--out", "data/processed")
     # train and evaluate as DVC runs them: fresh processes that see only the env.
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(MLFLOW_TRACKING_URI=uri, PYTHONPATH=str(REPO))
+    # Credentials in the URI, as a team server behind basic auth takes them: they must reach no file,
+    # log or message (this server has no auth and ignores them).
+    secret = secrets.token_hex(8)
+    env.update(MLFLOW_TRACKING_URI=uri.replace("://", f"://alice:{secret}@"), PYTHONPATH=str(REPO))
     for argv in (
         ["train", "--data", "data/processed", "--out", "models"],
         ["evaluate", "--data", "data/processed", "--models", "models", "--out", "reports"],
     ):
-        check([sys.executable, "-m", f"pipeline.{argv[0]}", *argv[1:]], cwd=workdir, env=env)
+        result = subprocess.run(
+            [sys.executable, "-m", f"pipeline.{argv[0]}", *argv[1:]],
+            cwd=workdir,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0, result.stderr
+        assert secret not in result.stdout + result.stderr and uri in result.stdout + result.stderr
+    assert json.loads((workdir / "models/mlflow_run.json").read_text())["tracking_uri"] == uri
+    assert not [p for p in workdir.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
 
     run_id = json.loads((workdir / "models/mlflow_run.json").read_text())["run_id"]
     client = MlflowClient(tracking_uri=uri)
@@ -167,11 +180,12 @@ def test_pipeline_logs_run_history_artifacts_and_model_to_the_server(
     assert run.info.status == "FINISHED" and run.data.params["train.epochs"] == "2"
     assert [m.step for m in client.get_metric_history(run_id, "val_accuracy")] == [1, 2]
     metrics = json.loads((workdir / "reports/metrics.json").read_text())
-    assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+    (evaluation,) = evaluations_of(client, run_id)
+    assert evaluation.data.metrics["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
     # Proxied artifacts: the client speaks HTTP only; the server writes to --artifacts-destination.
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")
     assert "history.csv" in {a.path for a in client.list_artifacts(run_id)}
-    assert "evaluation/metrics.json" in {a.path for a in client.list_artifacts(run_id, "evaluation")}
+    assert "evaluation/metrics.json" in {a.path for a in client.list_artifacts(evaluation.info.run_id, "evaluation")}
     assert list(artifacts.rglob("history.csv")) and list(artifacts.rglob("confusion_matrix.png"))
     models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
     assert sorted(m.name for m in models) == ["classifier", "model"]

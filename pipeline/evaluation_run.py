@@ -1,0 +1,62 @@
+"""The evaluate stage's MLflow run: a run of its own for each evaluation, nested under the run
+that trained the model, its metrics linked to the logged models and the test set.
+
+Its own run, because MLflow refuses to change a logged param: logging `evaluate.*` and `register.*`
+into the training run broke every re-evaluation with other values (and marked the finished training
+run FAILED). Now the training run is never reopened; each evaluation keeps its own params, metrics
+and artifacts, and the Models tab lists every evaluation of a model (MLflow 3's model-linked metrics).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.data.dataset import Dataset
+from mlflow.entities import LoggedModelInput
+from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from pipeline import tracking
+from pipeline.errors import PipelineError
+
+
+@contextmanager
+def evaluation_run(info: dict[str, Any]) -> Iterator[mlflow.ActiveRun]:
+    """Start the evaluation of the model that the run in `info` (read_run_file) trained, as a child
+    of that run; under `mlflow run` (MLFLOW_RUN_ID), log into that run instead. Ends FINISHED,
+    KILLED or FAILED; the training run is not touched."""
+    # No URI in the file: train used the repository's own store (see save_run_file).
+    tracking.connect(None if "MLFLOW_TRACKING_URI" in os.environ else info.get("tracking_uri"))
+    model_run_id = info["run_id"]
+    try:
+        if run_id := os.environ.get("MLFLOW_RUN_ID"):
+            active = mlflow.start_run(run_id=run_id)
+        else:
+            model_run = MlflowClient().get_run(model_run_id)
+            tags = {MLFLOW_PARENT_RUN_ID: model_run_id, "model_run_id": model_run_id, **tracking.dvc_tags()}
+            name = f"{model_run.info.run_name}-eval"
+            active = mlflow.start_run(experiment_id=model_run.info.experiment_id, run_name=name, tags=tags)
+    except MlflowException as e:
+        raise PipelineError(
+            f"cannot start the evaluation of MLflow run {model_run_id} at {mlflow.get_tracking_uri()}: {e.message}"
+        ) from e
+    with tracking._ending(active) as run:
+        if run.info.run_id != model_run_id and not run.data.tags.get("model_run_id"):
+            mlflow.set_tag("model_run_id", model_run_id)  # `mlflow run`'s run, the model from another
+        yield run
+
+
+def log_linked(metrics: dict[str, float], model_run_id: str, test_set: Dataset) -> None:
+    """Log the test set as an input of the active run, linked to each model `model_run_id` logged,
+    and `metrics` on those models for that dataset (tracking.log_model_metrics)."""
+    run = mlflow.active_run()
+    models = MlflowClient().search_logged_models(
+        experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{model_run_id}'"
+    )
+    MlflowClient().log_inputs(run.info.run_id, models=[LoggedModelInput(m.model_id) for m in models])
+    tracking.log_model_metrics(metrics, model_run_id, test_set)
