@@ -65,7 +65,7 @@ def test_a_bad_sweep_file_is_refused_before_any_trial_naming_the_key(workdir, ch
 
 def test_database_passwords_stay_out_of_messages() -> None:
     assert redact("postgresql+psycopg2://optuna:s3cret@db.internal:5432/sweeps") == (
-        "postgresql+psycopg2://optuna:***@db.internal:5432/sweeps"
+        "postgresql+psycopg2://***@db.internal:5432/sweeps"
     )
     assert redact("sqlite:////repo/sweeps.db") == "sqlite:////repo/sweeps.db"
 

@@ -7,7 +7,6 @@ import logging
 import warnings
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import optuna
 import yaml
@@ -16,6 +15,7 @@ from mlflow.exceptions import MlflowException
 from optuna.trial import FrozenTrial, TrialState
 
 from pipeline import tracking
+from pipeline.credentials import redact
 from pipeline.errors import ParamsError, PipelineError
 from pipeline.files import atomic_path
 from pipeline.sweep.spec import Sweep
@@ -27,15 +27,6 @@ DONE = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts towards the sweep
 MAX_RETRY = 2  # a trial whose worker died is run again by another worker, at most this often
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat, retry callback
-
-
-def redact(url: str) -> str:
-    """`url` without its password, for messages: database URLs carry credentials."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
 def default_storage() -> str:
