@@ -17,13 +17,15 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import optuna
 import psycopg2
 import pytest
 from mlflow import MlflowClient
 
 from pipeline import download, preprocess
 
-from .conftest import REPO, evaluations_of, run_main
+from .conftest import REPO, evaluations_of, run_main, sh, sh_env, synthetic_repo
+from .test_sweep import write_sweep
 from .test_tracking import free_port
 
 pytestmark = pytest.mark.slow
@@ -205,3 +207,71 @@ def test_pipeline_logs_run_history_artifacts_and_model_to_the_server(
         cursor = c.cursor()
         cursor.execute("SELECT status FROM runs WHERE run_uuid = %s", (run_id,))
         assert cursor.fetchall() == [("FINISHED",)]
+
+
+def study_trials(url: str) -> list[optuna.trial.FrozenTrial]:
+    try:
+        return optuna.load_study(study_name="tiny", storage=url).trials
+    except KeyError:  # not created yet
+        return []
+
+
+def test_two_clones_share_a_postgresql_study_and_the_server_and_a_killed_worker_loses_nothing(
+    tmp_path, monkeypatch, postgres, mlflow_server
+) -> None:
+    """Two workers, each in its own clone (as on two machines), on one PostgreSQL study and one real
+    `mlflow server`; one is SIGKILLed mid-trial. The other fails that trial once its heartbeats stop,
+    ends its MLflow run FAILED and runs it again: the study still reaches its trials, each complete once."""
+    uri, _ = mlflow_server
+    pg_port, password = postgres
+    with closing(
+        psycopg2.connect(host="127.0.0.1", port=pg_port, user=DB_USER, password=password, dbname="postgres")
+    ) as c:
+        c.autocommit = True
+        c.cursor().execute("CREATE DATABASE optuna")
+    study_url = f"postgresql+psycopg2://{DB_USER}@127.0.0.1:{pg_port}/optuna"  # the password from PGPASSWORD
+    (tmp_path / "a").mkdir()
+    a = synthetic_repo(tmp_path / "a")
+    monkeypatch.chdir(a)
+    run_main(download, monkeypatch, "--out", "data/raw")
+    run_main(preprocess, monkeypatch, "--raw", "data/raw", "--out", "data/processed")
+    sh(tmp_path, "git", "clone", "-q", str(a), "b")
+    b = tmp_path / "b"
+    shutil.copytree(a / "data", b / "data")  # `dvc pull` on a real second machine
+    for clone in (a, b):  # 4 trials of 30 epochs (a few seconds each), heartbeat 1 s: stale after 2 s
+        write_sweep(clone, trials=4, fixed={"train.epochs": 30}, pruner="none", sampler={"name": "random", "seed": 0},
+                    params={"train.lr": {"type": "float", "low": 0.001, "high": 0.005, "log": True}})  # fmt: skip
+    env = sh_env(MLFLOW_TRACKING_URI=uri, PGPASSWORD=password, SWEEP_STORAGE=study_url, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "pipeline.sweep", "run", "tiny"]
+    workers = {
+        name: subprocess.Popen(cmd, cwd=clone, env=env, stderr=subprocess.PIPE, text=True)
+        for name, clone in (("a", a), ("b", b))
+    }
+    victim = f":{workers['b'].pid}"
+    deadline = time.monotonic() + 180
+    while not any(
+        t.state == optuna.trial.TrialState.RUNNING and t.user_attrs.get("worker", "").endswith(victim)
+        for t in study_trials(f"postgresql+psycopg2://{DB_USER}:{password}@127.0.0.1:{pg_port}/optuna")
+    ):
+        assert workers["b"].poll() is None and time.monotonic() < deadline, workers["b"].stderr.read()
+        time.sleep(0.1)
+    workers["b"].kill()  # SIGKILL: no handler runs, nothing ends its run or its trial
+    workers["b"].wait()
+    _, err = workers["a"].communicate(timeout=300)
+    assert workers["a"].returncode == 0, err
+    assert password not in err
+
+    trials = study_trials(f"postgresql+psycopg2://{DB_USER}:{password}@127.0.0.1:{pg_port}/optuna")
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    (killed,) = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    assert killed.user_attrs["worker"].endswith(victim) and len(complete) == 4
+    assert [t.system_attrs.get("failed_trial") for t in complete].count(killed.number) == 1  # run again, once
+    assert "its worker stopped answering" in err
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.sweep = 'tiny'")
+    status = {"COMPLETE": "FINISHED", "FAIL": "FAILED"}
+    assert sorted(r.info.run_name for r in runs) == sorted(f"tiny-{t.number}" for t in trials)
+    for run in runs:  # each MLflow run ended as its trial did; none left RUNNING
+        trial = trials[int(run.data.tags["sweep.trial"])]
+        assert run.info.status == status[trial.state.name], (run.info.run_name, trial.state)
+        assert run.data.tags["sweep.state"] == trial.state.name
