@@ -140,10 +140,10 @@ def test_changing_an_evaluate_param_re_evaluates_only_and_keeps_the_training_run
     assert float(champion.tags["test_accuracy"]) == max(float(v.tags["test_accuracy"]) for v in versions)
 
 
-def start_queue(repo: Path, jobs: int) -> None:
+def start_queue(repo: Path, jobs: int, **env: str) -> None:
     """`dvc queue start -j jobs`; its workers keep running in the background (no pipes to wait on)."""
     cmd = ["dvc", "queue", "start", "-j", str(jobs)]
-    subprocess.run(cmd, cwd=repo, env=sh_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+    subprocess.run(cmd, cwd=repo, env=sh_env(**env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
 
 
 def wait_for_queue(repo: Path, timeout: float = 600) -> str:
@@ -165,7 +165,7 @@ def test_a_queued_sweep_runs_in_parallel_each_experiment_one_named_run_in_the_re
     """A 2-point grid with `dvc exp run --queue -S a,b` run by 2 workers on the embedded SQLite store."""
     out = sh(repo, "dvc", "exp", "run", "--queue", "-S", "mlflow.sweep=grid", "-S", "train.lr=0.002,0.004")
     assert out.count("Queued experiment") == 2
-    start_queue(repo, 2)
+    start_queue(repo, 2, OMP_NUM_THREADS="1")  # the README's command: the cores divided between 2 workers
     status = wait_for_queue(repo)
     assert status.count("Success") >= 2 and "Failed" not in status, status
 
@@ -173,6 +173,7 @@ def test_a_queued_sweep_runs_in_parallel_each_experiment_one_named_run_in_the_re
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.sweep = 'grid'")
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
     assert sorted(r.data.params["train.lr"] for r in runs) == ["0.002", "0.004"]
+    assert {r.data.tags["threads"] for r in runs} == {"1"}  # DVC's queue workers pass the environment on
     # (Whether DVC's two workers overlapped depends on how fast each started; the store's parallel
     # writers are tested for certain in tests/test_experiments.py.)
     a = runs[0]
