@@ -41,11 +41,14 @@ def shifted(images: torch.Tensor, offsets: torch.Tensor, pad: int) -> torch.Tens
     """Each image of (B, 1, H, W) moved by its own (dy, dx) row of `offsets` (B, 2), |d| <= pad;
     the pixels moved in are 0, the background."""
     b, _, h, w = images.shape
-    padded = F.pad(images[:, 0], (pad, pad, pad, pad))  # (B, H + 2 pad, W + 2 pad)
-    rows = torch.arange(h, device=images.device) + pad - offsets[:, :1]  # (B, H)
-    cols = torch.arange(w, device=images.device) + pad - offsets[:, 1:]  # (B, W)
-    batch = torch.arange(b, device=images.device)[:, None, None]
-    return padded[batch, rows[:, :, None], cols[:, None, :]].unsqueeze(1)  # (B, 1, H, W)
+    width = w + 2 * pad
+    # Zeros and a copy, not F.pad: on uint8 its threads took 22 ms a batch on a busy CPU (0.15 ms so).
+    padded = images.new_zeros(b, h + 2 * pad, width)
+    padded[:, pad : pad + h, pad : pad + w] = images[:, 0]
+    rows = torch.arange(pad, pad + h, device=images.device)[:, None]  # (H, 1)
+    cols = torch.arange(pad, pad + w, device=images.device)[None, :]  # (1, W)
+    source = (rows * width + cols).view(1, h * w) - (offsets[:, :1] * width + offsets[:, 1:])  # (B, H * W)
+    return padded.view(b, -1).gather(1, source).view(b, 1, h, w)
 
 
 def train_one_epoch(

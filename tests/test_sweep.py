@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -11,8 +12,10 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from pipeline import recipe, train
+from pipeline import engine, recipe, train
+from pipeline.data import load_split
 from pipeline.errors import ParamsError
+from pipeline.params import ModelConfig, TrainConfig
 from pipeline.sweep import trial as trial_module
 from pipeline.sweep import workers
 from pipeline.sweep.__main__ import show_board
@@ -136,3 +139,29 @@ def test_jobs_2_runs_two_workers_with_the_cores_divided_and_prints_the_leaderboa
     assert "4/4 trials done (4 complete, 0 pruned)" in board and "recipes/tiny-best.yaml" in board
     best = study.best_trial
     assert yaml.safe_load(Path("recipes/tiny-best.yaml").read_text())["train"]["lr"] == best.params["train.lr"]
+
+
+def test_train_shift_moves_each_image_by_its_own_offset_filling_with_background() -> None:
+    images = torch.randint(1, 256, (5, 1, 28, 28), dtype=torch.uint8)
+    offsets = torch.tensor([[0, 0], [2, 0], [0, -2], [-1, 1], [2, 2]])
+    out = engine.shifted(images, offsets, pad=2)
+    for image, moved, (dy, dx) in zip(images[:, 0], out[:, 0], offsets.tolist(), strict=True):
+        expected = torch.zeros_like(image)
+        rows, cols = slice(max(dy, 0), 28 + min(dy, 0)), slice(max(dx, 0), 28 + min(dx, 0))
+        expected[rows, cols] = image[max(-dy, 0) : 28 - max(dy, 0), max(-dx, 0) : 28 - max(dx, 0)]
+        assert torch.equal(moved, expected), (dy, dx)
+
+
+def test_train_shift_is_seeded_and_changes_training(processed) -> None:
+    train_split, val_split = (load_split(Path(f"data/processed/{s}.pt")) for s in ("train", "val"))
+    model_cfg, cfg = ModelConfig(arch="fast", nf=4), TrainConfig(epochs=1, batch_size=64, lr=0.01, device="cpu")
+
+    def weights(shift: int) -> list[torch.Tensor]:
+        c = dataclasses.replace(cfg, shift=shift)
+        model = engine.build(model_cfg, c, torch.device("cpu"))
+        engine.fit(model, train_split, val_split, c)
+        return list(model.state_dict().values())
+
+    a, b, plain = weights(2), weights(2), weights(0)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(torch.equal(x, y) for x, y in zip(a, plain, strict=True))

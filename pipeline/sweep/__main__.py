@@ -40,11 +40,13 @@ def main() -> None:
     run.add_argument("--jobs", type=int, default=1, help="trials side by side on this machine (default 1)")
     run.add_argument("--storage", default=os.environ.get("SWEEP_STORAGE"), help=storage_help)
     run.add_argument("--data", type=Path, default=Path("data/processed"), help="the preprocess stage's output")
+    run.add_argument("--sweeps", type=Path, default=SWEEPS, help="the folder of sweep files (default sweeps/)")
     run.add_argument("--worker", type=_worker, default=None, help=argparse.SUPPRESS)  # set by --jobs
     show = commands.add_parser("show", help="print the leaderboard and write recipes/<name>-best.yaml")
     show.add_argument("name")
     show.add_argument("--storage", default=os.environ.get("SWEEP_STORAGE"), help=storage_help)
     show.add_argument("--top", type=int, default=10, help="rows to print (default 10)")
+    show.add_argument("--sweeps", type=Path, default=SWEEPS, help="the folder of sweep files (default sweeps/)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     logging.getLogger("pipeline.train").setLevel(logging.WARNING)  # per-epoch lines: MLflow has them
@@ -53,7 +55,7 @@ def main() -> None:
         for path in sorted(SWEEPS.glob("*.yaml")):
             print(f"{path.stem:20s} {path.read_text().splitlines()[0].lstrip('# ')}")
         return
-    sweep = load_sweep(args.name)
+    sweep = load_sweep(args.name, args.sweeps)
     url = args.storage or studies.default_storage()
     if args.command == "show":
         return show_board(sweep, url, args.top)
@@ -65,7 +67,7 @@ def main() -> None:
         return workers.work(sweep, url, args.data, *args.worker)
     if args.jobs == 1:
         return workers.work(sweep, url, args.data)
-    workers.start_local(sweep, url, args.data, args.jobs)
+    workers.start_local(sweep, url, args.data, args.jobs, args.sweeps)
     show_board(sweep, url, top=5)
 
 

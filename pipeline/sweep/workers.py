@@ -86,7 +86,7 @@ def _to(split: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> tuple
     return split[0].to(device), split[1].to(device)
 
 
-def start_local(sweep: Sweep, url: str, data: Path, jobs: int) -> None:
+def start_local(sweep: Sweep, url: str, data: Path, jobs: int, folder: Path) -> None:
     """K worker processes on this machine: each gets cores / K threads, or its own GPU on CUDA."""
     gpus = torch.cuda.device_count()
     threads = max(1, cores() // jobs)
@@ -96,10 +96,11 @@ def start_local(sweep: Sweep, url: str, data: Path, jobs: int) -> None:
     studies.open_study(sweep, url, seed=None, attrs={})  # created once, before the workers race to
     procs = []
     for i in range(jobs):
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        # The storage URL through the environment: a password in it stays out of `ps`.
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "SWEEP_STORAGE": url}
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
-        cmd = [sys.executable, "-m", "pipeline.sweep", "run", sweep.name, "--storage", url, "--data", str(data)]
+        cmd = [sys.executable, "-m", "pipeline.sweep", "run", sweep.name, "--data", str(data), "--sweeps", str(folder)]
         cmd += ["--worker", f"{i}/{jobs}"]
         proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, bufsize=1)
         threading.Thread(target=_prefix, args=(proc, f"[worker {i}] "), daemon=True).start()

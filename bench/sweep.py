@@ -1,0 +1,174 @@
+"""Sweeps, measured in one run on one machine: adaptive search against a grid, K workers side by
+side against one, and what a trial costs beyond its epochs; and a recipe's test accuracy per seed.
+
+    python -m bench.sweep                    # search, throughput, overhead (about 10 min on 2 cores)
+    python -m bench.sweep --seeds accurate   # recipes/accurate.yaml on 5 seeds: test accuracy, training time
+
+Writes bench/sweep_results.json (--seeds: bench/recipe_<name>.json). Needs data/processed (`dvc repro
+preprocess`). Studies and MLflow runs go to a temporary folder, not the repository's stores. Not a
+test: the numbers depend on the machine and its load (a shared host drifts by up to 50%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+import torch
+import yaml
+
+from bench.benchmark import cpu_model, recipe
+from pipeline.sweep.workers import cores
+
+SEEDS = (0, 1, 2, 3, 42)
+# The fast recipe's space made discrete, so that the grid can cover it: 4 x 3 x 2 = 24 points.
+SPACE = {
+    "train.lr": {"type": "categorical", "choices": [0.005, 0.01, 0.02, 0.04]},
+    "model.nf": {"type": "categorical", "choices": [8, 16, 24]},
+    "train.label_smoothing": {"type": "categorical", "choices": [0.0, 0.1]},
+}
+SEARCHES = {
+    "tpe-median": {"sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 4},
+                   "pruner": {"name": "median", "n_startup_trials": 2, "n_warmup_steps": 0}},
+    "grid": {"sampler": {"name": "grid", "seed": 0}, "pruner": "none"},
+}  # fmt: skip
+
+
+def write_sweep(folder: Path, name: str, trials: int, **settings: Any) -> None:
+    body = {"recipe": "fast", "params": SPACE, "objective": "val_accuracy", "trials": trials, **settings}
+    (folder / f"{name}.yaml").write_text(f"# {name} (bench/sweep.py)\n" + yaml.safe_dump(body, sort_keys=False))
+
+
+def worker(folder: Path, name: str, storage: str, jobs: int) -> float:
+    """`python -m pipeline.sweep run` as a user starts it; its wall time."""
+    cmd = [sys.executable, "-m", "pipeline.sweep", "run", name, "--jobs", str(jobs), "--sweeps", str(folder)]
+    start = time.perf_counter()
+    subprocess.run(cmd, env={**os.environ, "SWEEP_STORAGE": storage}, check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)  # fmt: skip
+    return time.perf_counter() - start
+
+
+def trials_of(storage: str, name: str):
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=storage).trials
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # the worker processes that ended
+    return usage.ru_utime + usage.ru_stime
+
+
+def search(folder: Path, trials: int) -> dict[str, Any]:
+    """The same number of trials over the same space: TPE with median pruning against the grid."""
+    out = {}
+    for name, settings in SEARCHES.items():
+        write_sweep(folder, name, trials, **settings)
+        storage = f"sqlite:///{folder / f'{name}.db'}"
+        before = cpu_seconds()
+        wall = worker(folder, name, storage, jobs=1)
+        done = [t for t in trials_of(storage, name) if t.state.name in ("COMPLETE", "PRUNED")]
+        complete = [t.value for t in done if t.state.name == "COMPLETE"]
+        epochs = sum(len(t.intermediate_values) for t in done)
+        out[name] = {
+            "best_val_accuracy": max(complete),
+            "cpu_seconds": round(cpu_seconds() - before, 1),
+            "wall_seconds": round(wall, 1),
+            "trials": len(done),
+            "pruned": sum(t.state.name == "PRUNED" for t in done),
+            "epochs_run": epochs,
+            "epochs_pruned": 2 * len(done) - epochs,  # the fast recipe trains 2 epochs
+        }
+        print(f"search {name}: {out[name]}", flush=True)
+    return out
+
+
+def throughput(folder: Path, trials: int, rounds: int) -> dict[str, Any]:
+    """Trials per minute with K = 1 and K = 2 workers (rounds interleaved, each K keeping its best),
+    and each trial's cost beyond its epochs (from K = 1: Optuna's trial time minus MLflow's epochs)."""
+    from mlflow import MlflowClient
+
+    write_sweep(folder, "rate", trials, sampler={"name": "random", "seed": 0}, pruner="none")
+    best: dict[int, dict[str, float]] = {}
+    overheads: list[float] = []
+    for r in range(rounds):
+        for jobs in (1, 2):
+            storage = f"sqlite:///{folder / f'rate-{jobs}-{r}.db'}"
+            wall = worker(folder, "rate", storage, jobs)
+            done = trials_of(storage, "rate")
+            first = min(t.datetime_start for t in done)
+            span = (max(t.datetime_complete for t in done) - first).total_seconds()
+            rate = {"wall_seconds": wall, "trials_per_minute": 60 * len(done) / wall,
+                    "steady_trials_per_minute": 60 * len(done) / span}  # fmt: skip
+            print(f"round {r + 1}: K={jobs}: {rate}", flush=True)
+            if jobs not in best or rate["trials_per_minute"] > best[jobs]["trials_per_minute"]:
+                best[jobs] = rate
+            if jobs == 1:
+                client = MlflowClient()
+                for t in done:
+                    epochs = client.get_metric_history(t.user_attrs["mlflow_run_id"], "epoch_seconds")
+                    overheads.append(
+                        (t.datetime_complete - t.datetime_start).total_seconds() - sum(m.value for m in epochs)
+                    )
+    return {
+        "trials": trials,
+        "K1": best[1],
+        "K2": best[2],
+        "K2 / K1 trials per minute": best[2]["trials_per_minute"] / best[1]["trials_per_minute"],
+        "overhead_seconds_per_trial": {"median": round(median(overheads), 3), "max": round(max(overheads), 3)},
+    }
+
+
+def seeds(name: str, data: Path, rounds: int) -> dict[str, Any]:
+    """A recipe on each seed: test accuracy (deterministic) and training time (best of `rounds`)."""
+    runs: dict[int, dict[str, float]] = {}
+    for _ in range(rounds):
+        for seed in SEEDS:
+            run = recipe(name, seed, data)
+            if seed in runs:
+                run["train_seconds"] = min(run["train_seconds"], runs[seed]["train_seconds"])
+            runs[seed] = run
+            print(f"{name} seed {seed}: {run}", flush=True)
+    return {
+        "recipe": name,
+        "test_accuracy_min": min(r["test_accuracy"] for r in runs.values()),
+        "train_seconds_max": max(r["train_seconds"] for r in runs.values()),
+        "seeds": runs,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=12, help="trials of each search (default 12)")
+    parser.add_argument("--rate-trials", type=int, default=6, help="trials of each throughput run (default 6)")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the throughput runs")
+    parser.add_argument("--seeds", metavar="RECIPE", help="instead: this recipe on seeds 0, 1, 2, 3, 42")
+    parser.add_argument("--data", type=Path, default=Path("data/processed"))
+    args = parser.parse_args()
+    header = {"date": date.today().isoformat(), "cpu": cpu_model(), "cores": cores(), "torch": torch.__version__}
+    if args.seeds:
+        results = {**header, **seeds(args.seeds, args.data, args.rounds)}
+        out = Path(f"bench/recipe_{args.seeds}.json")
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
+            results = {**header, "search": search(folder, args.trials),
+                       "throughput": throughput(folder, args.rate_trials, args.rounds)}  # fmt: skip
+        out = Path("bench/sweep_results.json")
+    print(json.dumps(results, indent=2))
+    out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
