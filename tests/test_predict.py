@@ -68,7 +68,7 @@ def test_both_looks_normalise_to_the_same_mnist_digit(images) -> None:
     ("name", "message"),
     [
         ("empty", "empty file"),
-        ("text", "not an image"),
+        ("text", "not a PNG, JPEG or GIF image"),
         ("truncated", "cannot read it"),
         ("missing", "cannot read it: No such file"),
     ],
@@ -113,7 +113,7 @@ def test_cli_predicts_good_files_and_reports_each_bad_one(in_trained, images, mo
     assert code == 1  # something failed
     results = json.loads(out)
     assert [r["file"] for r in results] == list(map(str, files))
-    assert results[0]["error"] == "empty file" and "not an image" in results[2]["error"]
+    assert results[0]["error"] == "empty file" and "not a PNG, JPEG or GIF image" in results[2]["error"]
     assert "no digit found" in results[3]["error"]
     ok = results[1]
     assert sum(ok["probabilities"]) == pytest.approx(1, abs=1e-4)
@@ -194,7 +194,7 @@ def hostile(tmp_path: Path) -> dict[str, Path]:
 
 READABLE = ["16-bit PNG", "CMYK JPEG", "EXIF-rotated photo", "animated GIF", "JPEG named .png"]
 REFUSED = {
-    "text named .png": "not an image PIL can read",
+    "text named .png": "not a PNG, JPEG or GIF image",
     "truncated PNG": "cannot read it: image file is truncated",
     "bomb 30000x30000": r"Image size \(900000000 pixels\) exceeds limit",
     "bomb 9500x9500": r"Image size \(90250000 pixels\) exceeds limit",
