@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import http.client
 import json
 import os
@@ -233,7 +234,7 @@ def describe(model_uri: str) -> dict:
     return info
 
 
-def in_process(model_uri: str, batches: list[int], seconds: float) -> dict[str, Callable[[int], dict]]:
+def in_process(model_uri: str, workers: list[int], seconds: float) -> dict[str, Callable[[int], dict]]:
     """The ceiling and the steps to the server, in this process on every core, one caller at a time:
     the network alone (as the model runs it), the pyfunc's predict on an array, MLflow's `invocations`
     (the JSON request parsed, predicted, the answer written; no HTTP)."""
@@ -259,10 +260,15 @@ def in_process(model_uri: str, batches: list[int], seconds: float) -> dict[str, 
                 "p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2),
                 "errors": 0}  # fmt: skip
 
-    def network(batch: int) -> dict:
+    def network(batch: int, threads: int) -> dict:
         x = torch.from_numpy(rng.integers(0, 256, (batch, 1, 28, 28)).astype(np.float32))
-        return rate(f"ceiling: the network alone ({inference.describe()}, {torch.get_num_threads()} threads)",
-                    batch, lambda: inference.probabilities(x))  # fmt: skip
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            name = f"ceiling: the network alone ({inference.describe()}, {threads} thread(s))"
+            return rate(name, batch, lambda: inference.probabilities(x))
+        finally:
+            torch.set_num_threads(before)
 
     def pyfunc(batch: int) -> dict:
         images = rng.integers(0, 256, (batch, 28, 28)).astype(np.uint8)
@@ -274,7 +280,11 @@ def in_process(model_uri: str, batches: list[int], seconds: float) -> dict[str, 
         assert call().status == 200
         return rate("in-process: MLflow's invocations (JSON in, predict, JSON out)", batch, call)
 
-    return {"network": network, "pyfunc": pyfunc, "invocations": invocations}
+    # One ceiling per thread count a worker gets (cores / workers): with 2 workers on 2 cores the
+    # machine's ceiling is about twice the 1-thread row, when nothing else runs.
+    per_worker = sorted({max(1, cores() // n) for n in workers}, reverse=True)
+    ceilings = {f"network {t}": functools.partial(network, threads=t) for t in per_worker}
+    return {**ceilings, "pyfunc": pyfunc, "invocations": invocations}
 
 
 def best_of(rounds: list[dict]) -> dict:
@@ -314,7 +324,7 @@ def main() -> None:
     args = parser.parse_args()
     model = describe(args.model)
     load_before = os.getloadavg()[0]  # other work on the machine moves these numbers: recorded with them
-    steps = in_process(args.model, args.batches, seconds=min(args.seconds, 5))
+    steps = in_process(args.model, args.workers, seconds=min(args.seconds, 5))
     runs: dict[tuple[str, int], list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         servers = {}  # all up at once, measured in turn: each round sees the same machine for all
