@@ -51,7 +51,7 @@ def load_image(path: Path) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path, formats=FORMATS) as im:
                 if im.mode == "F":
-                    raise ImageError("floating-point pixels are not supported (PNG or JPEG expected)")
+                    raise ImageError("floating-point pixels are not supported (PNG, JPEG or GIF expected)")
                 im.draft(im.mode, (MAX_SIDE, MAX_SIDE))  # JPEG only: decode big photos at 1/2, 1/4 or 1/8 size
                 # Decode, and shrink at once in the file's own mode: every copy below (rotation, 16-bit
                 # scaling, alpha, gray) is then of at most MAX_SIDE x MAX_SIDE pixels.
