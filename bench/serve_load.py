@@ -1,11 +1,14 @@
 """Load on the served model: `mlflow models serve` on 127.0.0.1 driven by concurrent clients.
 
     python -m bench.serve_load                          # models:/mnist-cnn@champion, 8 clients, 30 s per batch size
-    python -m bench.serve_load --seconds 5 --model runs:/<run_id>/classifier
+    python -m bench.serve_load --seconds 5 --model runs:/<run_id>/classifier --baseline runs:/<old>/classifier
 
-For each batch size (1 and 64 images) the clients send requests back to back for `--seconds`
-after a warm-up; it reports images/s, p50/p99 latency, errors, and the resident memory of the
-server's processes at the start and end of the measurement. Prints a table and writes
+One server per `--workers` count (1 and 2), all started first. In each of `--rounds` rounds, for
+each batch size (1 and 64 images), it measures the ceiling (the served network alone, in this
+process, on every core), then each server in turn: the clients send requests back to back for
+`--seconds` after a warm-up. A row reports images/s, p50/p99 latency, errors, and the resident
+memory of the server's processes at the start and end; each row is its best round by images/s,
+so the machine's other load moves the rows of one run alike. Prints a table and writes
 bench/serve_results.json. MLFLOW_TRACKING_URI as for the pipeline (default sqlite:///mlflow.db).
 The clients run on the same machine as the server and take part of its CPU.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import http.client
 import json
 import os
@@ -25,7 +29,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -34,6 +38,7 @@ import numpy as np
 import psutil
 
 from bench.benchmark import cpu_model
+from pipeline.serving import cores
 
 OUT = Path(__file__).with_name("serve_results.json")
 BODIES = 4  # distinct request bodies per batch size, sent in turn
@@ -45,12 +50,26 @@ class Server:
     host: str
     port: int
     proc: subprocess.Popen
+    log: Path
+
+    def processes(self) -> list[psutil.Process]:
+        """The `mlflow models serve` process and all its children (uvicorn and its workers)."""
+        root = psutil.Process(self.proc.pid)
+        return [root, *root.children(recursive=True)]
+
+    def cpu_s(self) -> float:
+        """CPU seconds the server's processes have used so far (user + system)."""
+        total = 0.0
+        for p in self.processes():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                times = p.cpu_times()
+                total += times.user + times.system
+        return total
 
     def rss_mb(self) -> float:
         """Resident memory of the server: the `mlflow models serve` process and all its children."""
-        root = psutil.Process(self.proc.pid)
         total = 0
-        for p in [root, *root.children(recursive=True)]:
+        for p in self.processes():
             with contextlib.suppress(psutil.NoSuchProcess):
                 total += p.memory_info().rss
         return total / 2**20
@@ -63,19 +82,23 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve(model_uri: str, log: Path, env: dict[str, str] | None = None, timeout: float = 120) -> Iterator[Server]:
-    """`mlflow models serve` of `model_uri` on a free port of 127.0.0.1, stopped (with its workers) on exit."""
+def serve(
+    model_uri: str, log: Path, env: dict[str, str] | None = None, timeout: float = 120, workers: int = 1
+) -> Iterator[Server]:
+    """`mlflow models serve --workers N` of `model_uri` on a free port of 127.0.0.1, stopped with its workers."""
     port = free_port()
     environ = {**os.environ, **(env or {})}
     # mlflow starts `uvicorn` by name: the venv's bin goes first on PATH.
     environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environ.get('PATH', '')}"
     cmd = ["mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+    cmd += ["--workers", str(workers)]
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, env=environ, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    server = Server(f"http://127.0.0.1:{port}", "127.0.0.1", port, proc)
+    server = Server(f"http://127.0.0.1:{port}", "127.0.0.1", port, proc, log)
     try:
         deadline = time.monotonic() + timeout
-        while not ping(server):
+        # Up when every worker has loaded the model: with several, the first answers /ping before the others.
+        while not ping(server) or log.read_text().count("Application startup complete") < workers:
             if proc.poll() is not None:
                 raise RuntimeError(f"mlflow models serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
             if time.monotonic() > deadline:
@@ -211,13 +234,76 @@ def describe(model_uri: str) -> dict:
     return info
 
 
+def in_process(model_uri: str, workers: list[int], seconds: float) -> dict[str, Callable[[int], dict]]:
+    """The ceiling and the steps to the server, in this process on every core, one caller at a time:
+    the network alone (as the model runs it), the pyfunc's predict on an array, MLflow's `invocations`
+    (the JSON request parsed, predicted, the answer written; no HTTP)."""
+    import mlflow
+    import torch
+    from mlflow.pyfunc import scoring_server
+
+    model = mlflow.pyfunc.load_model(model_uri)
+    inference = model.unwrap_python_model().inference
+    rng = np.random.default_rng(0)
+
+    def rate(name: str, batch: int, call: Callable[[], object]) -> dict:
+        call()  # first call of a size: allocator pools, oneDNN kernels
+        lat, start = [], time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            t = time.perf_counter()
+            call()
+            lat.append(time.perf_counter() - t)
+        elapsed = time.perf_counter() - start
+        ms = np.array(lat) * 1000
+        return {"row": name, "batch": batch, "clients": 1, "requests": len(lat),
+                "images_per_s": round(len(lat) * batch / elapsed, 1), "requests_per_s": round(len(lat) / elapsed, 1),
+                "p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2),
+                "errors": 0}  # fmt: skip
+
+    def network(batch: int, threads: int) -> dict:
+        x = torch.from_numpy(rng.integers(0, 256, (batch, 1, 28, 28)).astype(np.float32))
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            name = f"ceiling: the network alone ({inference.describe()}, {threads} thread(s))"
+            return rate(name, batch, lambda: inference.probabilities(x))
+        finally:
+            torch.set_num_threads(before)
+
+    def pyfunc(batch: int) -> dict:
+        images = rng.integers(0, 256, (batch, 28, 28)).astype(np.uint8)
+        return rate("in-process: pyfunc predict (checks, network, table)", batch, lambda: model.predict(images))
+
+    def invocations(batch: int) -> dict:
+        body = bodies(batch)[0]
+        call = lambda: scoring_server.invocations(body, "application/json", model, None)  # noqa: E731
+        assert call().status == 200
+        return rate("in-process: MLflow's invocations (JSON in, predict, JSON out)", batch, call)
+
+    # One ceiling per thread count a worker gets (cores / workers): with 2 workers on 2 cores the
+    # machine's ceiling is about twice the 1-thread row, when nothing else runs.
+    per_worker = sorted({max(1, cores() // n) for n in workers}, reverse=True)
+    ceilings = {f"network {t}": functools.partial(network, threads=t) for t in per_worker}
+    return {**ceilings, "pyfunc": pyfunc, "invocations": invocations}
+
+
+def best_of(rounds: list[dict]) -> dict:
+    """The round with the most images/s, with how many rounds there were and their spread."""
+    best = max(rounds, key=lambda r: r["images_per_s"])
+    return {**best, "rounds_images_per_s": [r["images_per_s"] for r in rounds]}
+
+
 def table(results: list[dict]) -> str:
     lines = [
-        "batch  clients  requests  images/s  p50 ms  p99 ms  errors  server RSS MB: start -> end (max), trend/min",
+        f"{'row':<72} batch  clients  images/s  p50 ms  p99 ms  errors  server RSS MB: start -> end (max), trend/min",
         *(
-            f"{r['batch']:>5}  {r['clients']:>7}  {r['requests']:>8}  {r['images_per_s']:>8}  {r['p50_ms']:>6}  "
-            f"{r['p99_ms']:>6}  {r['errors']:>6}  {r['rss_start_mb']:,} -> {r['rss_end_mb']:,} ({r['rss_max_mb']:,}), "
-            f"{r['rss_trend_mb_per_min']:+}"
+            f"{r.get('row', 'served'):<72} {r['batch']:>5}  {r['clients']:>7}  {r['images_per_s']:>8}  "
+            f"{r['p50_ms']:>6}  {r['p99_ms']:>6}  {r['errors']:>6}"
+            + (
+                f"  {r['rss_start_mb']:,} -> {r['rss_end_mb']:,} ({r['rss_max_mb']:,}), {r['rss_trend_mb_per_min']:+}"
+                if "rss_start_mb" in r
+                else ""
+            )
             for r in results
         ),
     ]
@@ -227,31 +313,60 @@ def table(results: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="models:/mnist-cnn@champion", help="MLflow model URI to serve")
-    parser.add_argument("--seconds", type=float, default=30, help="measured seconds per batch size")
+    parser.add_argument("--baseline", help="another model URI served beside it (1 worker): the before of a change")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="one server per count")
+    parser.add_argument("--seconds", type=float, default=30, help="measured seconds per batch size and server")
     parser.add_argument("--warmup", type=float, default=3, help="seconds of load before each measurement")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; each row keeps its best")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64], help="images per request")
     parser.add_argument("--out", type=Path, default=OUT, help="results file")
     args = parser.parse_args()
     model = describe(args.model)
     load_before = os.getloadavg()[0]  # other work on the machine moves these numbers: recorded with them
-    with tempfile.TemporaryDirectory() as tmp, serve(args.model, Path(tmp) / "serve.log") as server:
-        idle = round(server.rss_mb())
-        results = [load(server, b, args.clients, args.seconds, args.warmup) for b in args.batches]
+    steps = in_process(args.model, args.workers, seconds=min(args.seconds, 5))
+    runs: dict[tuple[str, int], list[dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        servers = {}  # all up at once, measured in turn: each round sees the same machine for all
+        for n in args.workers:
+            log = Path(tmp) / f"serve-{n}.log"
+            servers[f"served: mlflow models serve --workers {n}"] = (
+                stack.enter_context(serve(args.model, log, workers=n)),
+                log,
+            )
+        if args.baseline:
+            log = Path(tmp) / "baseline.log"
+            servers[f"before: {args.baseline}, --workers 1"] = stack.enter_context(serve(args.baseline, log)), log
+        idle = {name: round(server.rss_mb()) for name, (server, _) in servers.items()}
+        inference = {  # what each worker said it runs (pipeline.serving's line in the server's log)
+            name: sorted(set(re.findall(r"pipeline\.serving: (.*)", log.read_text())))
+            for name, (_, log) in servers.items()
+        }
+        for r in range(args.rounds):
+            for batch in args.batches:
+                for step, measure in steps.items():
+                    runs.setdefault((step, batch), []).append(measure(batch))
+                for name, (server, _) in servers.items():
+                    result = load(server, batch, args.clients, args.seconds, args.warmup)
+                    runs.setdefault((name, batch), []).append({"row": name, **result})
+                print(f"round {r + 1} of {args.rounds}, batch {batch} done", file=sys.stderr)
+    results = [best_of(rounds) for rounds in runs.values()]  # batch by batch, in the order measured
     report = {
         "date": date.today().isoformat(),
-        "cpu": f"{cpu_model()}, {os.cpu_count()} cores",
+        "cpu": f"{cpu_model()}, {os.cpu_count()} cores ({cores()} usable)",
         "model": model,
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # before, after
         "server_rss_idle_mb": idle,
+        "server_inference": inference,
         "warmup_seconds": args.warmup,
+        "rounds": args.rounds,
         "results": results,
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"model {model}; server idle RSS {idle:,} MB; load average {report['load_average_1min']}", file=sys.stderr)
+    print(f"model {model}; server idle RSS {idle} MB; load average {report['load_average_1min']}", file=sys.stderr)
     print(table(results))
     if any(r["errors"] for r in results):
-        sys.exit(f"errors: {[e for r in results for e in r['error_examples']]}")
+        sys.exit(f"errors: {[e for r in results for e in r.get('error_examples', [])]}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.data import IMAGE_SIZE
 from pipeline.errors import DataError, PipelineError, run_stage
+from pipeline.inference import prepare
 from pipeline.model import load_checkpoint
 
 log = logging.getLogger("pipeline.predict")
@@ -25,6 +26,10 @@ BOX = 20  # MNIST scaled each digit's bounding box to fit 20x20, keeping its asp
 NOISE = 32  # ink below this (of 255, after contrast stretch) is paper texture or JPEG noise
 MIN_CONTRAST = 24  # darkest-to-brightest spread below this: no digit to see
 MAX_SIDE = 1024  # bigger pictures are shrunk to this many pixels on their longer side before normalising
+# The formats the README lists, and only those: Pillow knows dozens more (EPS goes to Ghostscript
+# where it is installed), each a decoder that any file named .png could reach.
+FORMATS = ("PNG", "JPEG", "GIF")
+NOT_AN_IMAGE = "not a PNG, JPEG or GIF image"
 URI = re.compile(r"^[a-z][a-z0-9+.-]+:/")  # runs:/, models:/, file://, s3://, ...
 
 Predictor = Callable[[np.ndarray], np.ndarray]  # uint8 (N, 28, 28) -> probabilities (N, 10)
@@ -35,31 +40,34 @@ class ImageError(Exception):
 
 
 def load_image(path: Path) -> np.ndarray:
-    """Decode a PNG or JPEG (any size; gray, RGB, CMYK, 16-bit or with alpha) to gray (H, W) in [0, 255]."""
+    """Decode a PNG, JPEG or GIF (any size; gray, RGB, CMYK, 16-bit or with alpha) to gray (H, W) in [0, 255]."""
     try:
         if path.stat().st_size == 0:
             raise ImageError("empty file")
         with warnings.catch_warnings():
-            # Pillow refuses images over twice Image.MAX_IMAGE_PIXELS (89.5 million) as decompression
-            # bombs and only warns between once and twice: refuse those too rather than decode them.
+            # Image.open reads the header only, and checks the declared size there: Pillow refuses
+            # images over twice Image.MAX_IMAGE_PIXELS (89.5 million) as decompression bombs and only
+            # warns between once and twice: refuse those too, before a pixel is decoded.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                im.draft(im.mode, (MAX_SIDE, MAX_SIDE))  # JPEG only: decode big photos at 1/2, 1/4 or 1/8 size
-                im = ImageOps.exif_transpose(im)  # phone photos store their rotation in EXIF
+            with Image.open(path, formats=FORMATS) as im:
                 if im.mode == "F":
-                    raise ImageError("floating-point pixels are not supported (PNG or JPEG expected)")
+                    raise ImageError("floating-point pixels are not supported (PNG, JPEG or GIF expected)")
+                im.draft(im.mode, (MAX_SIDE, MAX_SIDE))  # JPEG only: decode big photos at 1/2, 1/4 or 1/8 size
+                # Decode, and shrink at once in the file's own mode: every copy below (rotation, 16-bit
+                # scaling, alpha, gray) is then of at most MAX_SIDE x MAX_SIDE pixels.
+                im.thumbnail((MAX_SIDE, MAX_SIDE))
+                im = ImageOps.exif_transpose(im)  # phone photos store their rotation in EXIF
                 if im.mode == "I" or im.mode.startswith("I;16"):
                     im = Image.fromarray(from_16_bit(np.asarray(im)))
                 elif im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
                     # Transparent means background: lay the image on white (a drawing app's canvas).
                     im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
                 im = im.convert("L")  # an animated GIF: its first frame
-                im.thumbnail((MAX_SIDE, MAX_SIDE))  # the digit ends up 20x20: keep memory bounded
                 return np.asarray(im, dtype=np.float32)
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise ImageError("not an image PIL can read (PNG or JPEG expected)") from None
+        raise ImageError(NOT_AN_IMAGE) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(str(e)) from None
     except (OSError, SyntaxError, ValueError) as e:  # missing, unreadable, truncated, corrupt
@@ -128,10 +136,11 @@ def load_predictor(spec: str) -> Predictor:
         net = load_checkpoint(path)
     except Exception as e:
         raise DataError(f"{path} is not a model checkpoint ({type(e).__name__}: {e})") from e
+    inference = prepare(net)  # as the served model: channels_last, bf16 where native ($INFERENCE_PRECISION)
+    log.info("%s runs in %s", path, inference.describe())
 
     def predict(images: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return torch.softmax(net(torch.from_numpy(images[:, None])), dim=1).numpy()  # (N, 10)
+        return inference.probabilities(torch.from_numpy(images[:, None])).numpy()  # (N, 10)
 
     return predict
 
@@ -156,7 +165,7 @@ def predict_files(paths: list[Path], predictor: Predictor) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("images", nargs="+", type=Path, help="PNG or JPEG files")
+    parser.add_argument("images", nargs="+", type=Path, help="PNG, JPEG or GIF files")
     parser.add_argument("--model", default="models/model.pt", help="checkpoint path or MLflow model URI")
     parser.add_argument("--json", action="store_true", help="print one JSON list of results")
     args = parser.parse_args()

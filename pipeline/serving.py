@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import numbers
+import os
+import sys
 import tempfile
 from importlib.metadata import version
 from pathlib import Path
@@ -19,8 +22,11 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema
 
 from pipeline.data import IMAGE_SIZE, NUM_CLASSES
+from pipeline.inference import prepare
 from pipeline.model import load_checkpoint
 from pipeline.params import ModelConfig
+
+log = logging.getLogger("pipeline.serving")
 
 ARTIFACT = "classifier"
 PIXELS = IMAGE_SIZE * IMAGE_SIZE  # 784 columns in a DataFrame row, row-major
@@ -41,6 +47,11 @@ def _bad(message: str) -> NoReturn:
 
 def to_batch(data) -> torch.Tensor:
     """Check a batch of images and return it as float (N, 1, 28, 28) raw pixels in [0, 255]."""
+    # The count first, before anything is converted or scanned: a request of 100,000 rows is refused
+    # in microseconds, not after seconds of converting and checking every pixel.
+    if isinstance(data, list | pd.DataFrame) or (isinstance(data, np.ndarray) and data.ndim > 0):
+        if len(data) > MAX_BATCH:
+            _bad(f"a request holds at most {MAX_BATCH} images, got {len(data)}: send them in smaller batches")
     if isinstance(data, pd.DataFrame):
         if data.shape[1] != PIXELS:
             _bad(f"a DataFrame needs {PIXELS} pixel columns (a 28x28 image row by row), got {data.shape[1]}")
@@ -62,8 +73,6 @@ def to_batch(data) -> torch.Tensor:
         _bad(f"images must have shape {SHAPES}, got {data.shape}")
     if len(data) == 0:
         _bad("the batch is empty")
-    if len(data) > MAX_BATCH:
-        _bad(f"a request holds at most {MAX_BATCH} images, got {len(data)}: send them in smaller batches")
     try:
         x = data.astype(np.float64)  # float64 first: 1e39 is out of range here, not an inf of float32
     except OverflowError:  # a JSON integer beyond float64 (more than 308 digits)
@@ -79,17 +88,53 @@ class DigitClassifier(mlflow.pyfunc.PythonModel):
     """Images in, a DataFrame out: `digit` and `prob_0`..`prob_9` per image."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        self.net = load_checkpoint(Path(context.artifacts["checkpoint"]))
+        threads = divide_threads()
+        self.inference = prepare(load_checkpoint(Path(context.artifacts["checkpoint"])))
+        line = f"classifier runs in {self.inference.describe()}, {threads} torch thread(s)"
+        if workers := server_workers():  # the server configures no logging of ours: straight to its log
+            print(f"pipeline.serving: {line} ({cores()} cores / {workers} worker(s))", file=sys.stderr, flush=True)
+        else:
+            log.info(line)
 
     # np.ndarray is one of the hints MLflow derives no schema from: it hands the request's array (or
     # the DataFrame of a `dataframe_split` request) through unchanged, and to_batch checks it.
     def predict(self, context, model_input: np.ndarray, params=None) -> pd.DataFrame:
-        x = to_batch(model_input)
-        with torch.no_grad():
-            probs = torch.softmax(self.net(x), dim=1).numpy()  # (N, 10)
+        probs = self.inference.probabilities(to_batch(model_input)).numpy()  # (N, 10)
         table = pd.DataFrame(probs, columns=COLUMNS[1:])
         table.insert(0, "digit", probs.argmax(1))
         return table
+
+
+def cores() -> int:
+    """The CPUs this process may run on (as pipeline.sweep.workers.cores, which imports optuna)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def server_workers() -> int | None:
+    """How many workers `mlflow models serve` started on this machine; None outside that server."""
+    if value := os.environ.get("MLFLOW_MODELS_WORKERS", "").strip():  # MLflow's variable for --workers
+        return int(value) if value.isdigit() and int(value) > 0 else None
+    # `--workers N` reaches only uvicorn's command line: that is this process with one worker, the
+    # parent of the worker processes with more (uvicorn's supervisor). Linux only: elsewhere None.
+    for pid in ("self", str(os.getppid())):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            continue
+        if any(Path(a).name == "uvicorn" for a in argv[:2]) and "--workers" in argv[:-1]:
+            value = argv[argv.index("--workers") + 1]
+            return int(value) if value.isdigit() and int(value) > 0 else None
+    return None
+
+
+def divide_threads() -> int:
+    """In `mlflow models serve --workers N`: torch threads = cores / N, as sweep workers divide them."""
+    # N workers of `cores` threads each would oversubscribe the CPU and spin-wait in OpenMP. An
+    # explicit OMP_NUM_THREADS (torch reads it at import) wins; outside the server nothing changes.
+    workers = server_workers()
+    if workers and not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(max(1, cores() // workers))
+    return torch.get_num_threads()
 
 
 def pins(*distributions: str) -> list[str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFile, ImageOps
 
 from pipeline import predict
 from pipeline.errors import DataError
@@ -68,7 +68,7 @@ def test_both_looks_normalise_to_the_same_mnist_digit(images) -> None:
     ("name", "message"),
     [
         ("empty", "empty file"),
-        ("text", "not an image"),
+        ("text", "not a PNG, JPEG or GIF image"),
         ("truncated", "cannot read it"),
         ("missing", "cannot read it: No such file"),
     ],
@@ -113,7 +113,7 @@ def test_cli_predicts_good_files_and_reports_each_bad_one(in_trained, images, mo
     assert code == 1  # something failed
     results = json.loads(out)
     assert [r["file"] for r in results] == list(map(str, files))
-    assert results[0]["error"] == "empty file" and "not an image" in results[2]["error"]
+    assert results[0]["error"] == "empty file" and "not a PNG, JPEG or GIF image" in results[2]["error"]
     assert "no digit found" in results[3]["error"]
     ok = results[1]
     assert sum(ok["probabilities"]) == pytest.approx(1, abs=1e-4)
@@ -194,7 +194,7 @@ def hostile(tmp_path: Path) -> dict[str, Path]:
 
 READABLE = ["16-bit PNG", "CMYK JPEG", "EXIF-rotated photo", "animated GIF", "JPEG named .png"]
 REFUSED = {
-    "text named .png": "not an image PIL can read",
+    "text named .png": "not a PNG, JPEG or GIF image",
     "truncated PNG": "cannot read it: image file is truncated",
     "bomb 30000x30000": r"Image size \(900000000 pixels\) exceeds limit",
     "bomb 9500x9500": r"Image size \(90250000 pixels\) exceeds limit",
@@ -239,3 +239,48 @@ def test_cli_on_hostile_files_answers_each_in_one_line(in_trained, hostile, monk
     for name, message in REFUSED.items():
         assert re.search(message, by_name[name]["error"]), by_name[name]
     assert err.splitlines() == [f"error: {hostile[n]}: {by_name[n]['error']}" for n in names if n in REFUSED]
+
+
+def test_only_the_listed_formats_are_opened_and_eps_never_reaches_ghostscript(tmp_path, monkeypatch) -> None:
+    from PIL import EpsImagePlugin
+
+    eps = tmp_path / "digit.png"  # an EPS file named like a PNG
+    eps.write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 28 28\n0 0 moveto 28 28 lineto stroke\n%%EOF\n")
+    with Image.open(eps) as im:  # Pillow takes it when asked for any format: loading it runs Ghostscript
+        assert im.format == "EPS"
+
+    def ghostscript(*args, **kwargs):
+        raise AssertionError("Ghostscript was invoked")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
+    with pytest.raises(ImageError, match="^not a PNG, JPEG or GIF image$"):
+        load_image(eps)
+    bmp = tmp_path / "digit.bmp"
+    Image.new("L", (28, 28)).save(bmp)
+    with pytest.raises(ImageError, match="not a PNG, JPEG or GIF image"):
+        load_image(bmp)
+
+
+def test_an_oversized_png_is_refused_from_its_header_without_decoding(tmp_path, monkeypatch) -> None:
+    big = tmp_path / "big.png"
+    big.write_bytes(declared_png(9500, 9500))  # a real PNG header: 90 million pixels declared
+    decoded = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self) or Image.Image.load(self))
+    with pytest.raises(ImageError, match=r"Image size \(90250000 pixels\) exceeds limit"):
+        load_image(big)
+    assert decoded == []
+
+
+def test_a_big_picture_is_shrunk_before_any_copy(tmp_path, monkeypatch) -> None:
+    """A 3000x2000 RGBA PNG: rotation, alpha and gray are done on the 1024-pixel copy, never full size."""
+    path = tmp_path / "big.png"
+    im = Image.new("RGBA", (3000, 2000), (255, 255, 255, 0))
+    ImageDraw.Draw(im).line([(400, 300), (2000, 300), (900, 1800)], fill=(0, 0, 0, 255), width=150)
+    im.save(path)
+    sizes = []  # of every image that predict rotates, lays on white or scales from 16 bits
+    for module, name in [(ImageOps, "exif_transpose"), (Image, "alpha_composite"), (predict, "from_16_bit")]:
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=original: sizes.append(np.shape(a[-1])) or _f(*a))
+    gray = load_image(path)
+    assert gray.shape == (683, 1024) and sizes == [(683, 1024, 4), (683, 1024, 4)]
+    assert to_mnist(gray).max() > 180  # the digit survived

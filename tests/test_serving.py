@@ -1,6 +1,9 @@
 """The served model: input checks, the pyfunc `classifier`, and `mlflow models serve` for real."""
 
+import io
 import json
+import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +14,11 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from bench import serve_load
+from pipeline import serving
 from pipeline.data import load_split
+from pipeline.inference import prepare
+from pipeline.model import load_checkpoint
+from pipeline.runtime import cpu_has_native_bf16
 from pipeline.serving import COLUMNS, MAX_BATCH, to_batch
 
 from .conftest import run_id_of
@@ -69,6 +76,35 @@ def test_to_batch_rejects_with_invalid_parameter_value(data, message) -> None:
     assert e.value.error_code == "INVALID_PARAMETER_VALUE" and e.value.get_http_status_code() == 400
 
 
+def test_a_huge_batch_is_refused_before_anything_is_converted() -> None:
+    rows = [[0] * 784] * 100_000  # converting it takes seconds: np.asarray reads 78 million numbers
+    for data in (rows, pd.DataFrame(np.zeros((100_000, 784), np.uint8))):
+        start = time.perf_counter()
+        with pytest.raises(MlflowException, match="at most 256 images, got 100000"):
+            to_batch(data)
+        assert time.perf_counter() - start < 0.01
+
+
+def test_workers_divide_the_cores_and_an_explicit_setting_wins(monkeypatch) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MLFLOW_MODELS_WORKERS", raising=False)
+    try:
+        assert serving.server_workers() is None  # not under `mlflow models serve`: threads untouched
+        assert serving.divide_threads() == before
+        monkeypatch.setattr(serving, "cores", lambda: 16)
+        for workers, threads in [(1, 16), (2, 8), (3, 5), (16, 1), (32, 1)]:
+            monkeypatch.setenv("MLFLOW_MODELS_WORKERS", str(workers))  # what --workers N sets
+            assert serving.server_workers() == workers and serving.divide_threads() == threads
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        torch.set_num_threads(3)
+        assert serving.divide_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
 def sample_images(work: Path, n: int = 16) -> tuple[np.ndarray, np.ndarray]:
     images, labels = load_split(work / "data/processed/test.pt")
     return images[:n, 0].numpy(), labels[:n].numpy()  # uint8 (n, 28, 28), (n,)
@@ -92,12 +128,57 @@ def test_classifier_pyfunc_answers_digit_and_probabilities(in_trained) -> None:
         model.predict(np.where(images > 0, 256, 0))  # refused, as served, never clipped
 
 
+@pytest.mark.slow
+def test_the_fast_path_predicts_as_fp32(in_trained, monkeypatch) -> None:
+    """channels_last and bf16 autocast (forced: `auto` takes it only where bf16 is native) against the
+    fp32 network in the default layout, as served before: >= 99.9% equal predictions, accuracy within
+    0.05 points. On the real MNIST test set: README, "Serve it"."""
+    images, labels = load_split(in_trained / "data/processed/test.pt")
+    reference = prepare(load_checkpoint(in_trained / "models/model.pt"), "fp32", channels_last=False)
+    expected = reference.probabilities(images).argmax(1)
+    for precision in ("fp32", "bf16", "auto"):
+        fast = prepare(load_checkpoint(in_trained / "models/model.pt"), precision)
+        got = fast.probabilities(images).argmax(1)
+        assert (got == expected).float().mean() >= 0.999, precision
+        assert abs((got == labels).float().mean() - (expected == labels).float().mean()) <= 0.0005, precision
+    monkeypatch.setenv("INFERENCE_PRECISION", "fp32")  # the setting that keeps the served model in fp32
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id_of(in_trained)}/classifier")
+    assert model.unwrap_python_model().inference.describe() == "fp32, channels_last"
+    monkeypatch.setenv("INFERENCE_PRECISION", "fp16")
+    with pytest.raises(ValueError, match="INFERENCE_PRECISION must be one of auto, fp32, bf16, got 'fp16'"):
+        mlflow.pyfunc.load_model(f"runs:/{run_id_of(in_trained)}/classifier")
+
+
 @pytest.fixture(scope="module")
 def server(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[serve_load.Server]:
-    """`mlflow models serve` of the registered `mnist-cnn@champion` on 127.0.0.1, once for this module."""
+    """`mlflow models serve --workers 2` of the registered `mnist-cnn@champion` on 127.0.0.1, once for this module."""
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with serve_load.serve(CHAMPION, log, env={"MLFLOW_TRACKING_URI": f"sqlite:///{trained / 'mlflow.db'}"}) as server:
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{trained / 'mlflow.db'}"}
+    with serve_load.serve(CHAMPION, log, env=env, workers=2) as server:
         yield server
+
+
+@pytest.mark.slow
+def test_each_worker_runs_its_share_of_the_cores_in_the_fast_layout(server) -> None:
+    said = set(re.findall(r"pipeline\.serving: (.*)", server.log.read_text()))  # one line per worker, alike
+    precision = "bf16 autocast" if cpu_has_native_bf16() else "fp32"
+    threads, cores = max(1, serving.cores() // 2), serving.cores()
+    assert said == {
+        f"classifier runs in {precision}, channels_last, {threads} torch thread(s) ({cores} cores / 2 worker(s))"
+    }
+    assert server.log.read_text().count("pipeline.serving: ") == 2
+
+
+@pytest.mark.slow
+def test_a_100000_row_request_is_refused_in_well_under_a_second_of_server_time(server) -> None:
+    frame = pd.DataFrame(np.zeros((100_000, 784), np.uint8), columns=[f"px{i}" for i in range(784)])
+    body = io.BytesIO()
+    frame.to_parquet(body)  # 0.5 MB: MLflow reads it in a fraction of a second, then the model's checks run
+    cpu = server.cpu_s()
+    status, text = serve_load.request(server, body.getvalue(), "application/vnd.apache.parquet")
+    used = server.cpu_s() - cpu
+    assert status == 400 and "at most 256 images, got 100000" in json.loads(text)["message"]
+    assert used < 1.0, f"{used:.2f} s of server CPU"
 
 
 def post(server: serve_load.Server, payload: dict) -> tuple[int, dict]:
