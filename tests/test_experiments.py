@@ -193,8 +193,8 @@ def test_parallel_runs_log_the_same_datasets_into_a_fresh_experiment_at_once(tmp
     workers, rounds = 4, 10  # without the retry, some round failed in each of 3 tries
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env.update(PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    tracking.connect(env["MLFLOW_TRACKING_URI"])
-    tracking.experiment_id("race-setup")  # the store exists; the racers race on datasets, not on its schema
+    # The store exists first (no global tracking URI set here): the racers race on datasets, not its schema.
+    MlflowClient(env["MLFLOW_TRACKING_URI"]).create_experiment("race-setup")
     cmd = [sys.executable, "-c", RACER, "", str(workers), str(rounds)]
     procs = [
         subprocess.Popen(cmd[:3] + [str(i)] + cmd[4:], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)

@@ -92,7 +92,7 @@ def test_make_setup_without_node_builds_a_page_that_draws_offline(tmp_path) -> N
 
     # A fresh machine's set-up: pip and the page, nothing of Node.js (dry run: no install here).
     fresh = subprocess.run(["make", "-n", "setup", "VENV=fresh"], cwd=repo, env=env, capture_output=True, text=True)
-    assert fresh.returncode == 0 and "pip install -r requirements.txt" in fresh.stdout, fresh.stdout + fresh.stderr
+    assert fresh.returncode == 0 and "pip install -r requirements-dev.txt" in fresh.stdout, fresh.stdout + fresh.stderr
     assert "python -m pipeline.plots_page" in fresh.stdout and not re.search(r"\b(npm|node|npx)\b", fresh.stdout)
 
     # The real one, this venv standing for the installed one (-o: its pip step is not redone).
