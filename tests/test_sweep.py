@@ -16,8 +16,8 @@ from pipeline import engine, recipe, train
 from pipeline.data import load_split
 from pipeline.errors import ParamsError
 from pipeline.params import ModelConfig, TrainConfig
+from pipeline.sweep import local, workers
 from pipeline.sweep import trial as trial_module
-from pipeline.sweep import workers
 from pipeline.sweep.__main__ import show_board
 from pipeline.sweep.spec import load_sweep
 from pipeline.sweep.study import load, redact
@@ -127,12 +127,12 @@ def test_jobs_2_runs_two_workers_with_the_cores_divided_and_prints_the_leaderboa
     write_sweep(processed, trials=4, sampler={"name": "random", "seed": 0}, pruner="none",
                 params={"train.lr": {"type": "float", "low": 0.001, "high": 0.005, "log": True}})  # fmt: skip
     out = sh(processed, sys.executable, "-m", "pipeline.sweep", "run", "tiny", "--jobs", "2", PYTHONPATH=str(REPO))
-    assert f"2 workers, {max(1, workers.cores() // 2)} thread(s) each" in out  # the cores divided
+    assert f"2 workers, {max(1, local.cores() // 2)} thread(s) each" in out  # the cores divided
     study = load("tiny", f"sqlite:///{processed / 'sweeps.db'}")
     finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(finished) == 4 and len({t.number for t in finished}) == 4
     assert len({t.user_attrs["worker"] for t in finished}) == 2  # both workers took trials
-    assert {t.user_attrs["threads"] for t in finished} == {str(max(1, workers.cores() // 2))}
+    assert {t.user_attrs["threads"] for t in finished} == {str(max(1, local.cores() // 2))}
     assert "[worker 0]" in out and "[worker 1]" in out
     show_board(load_sweep("tiny"), f"sqlite:///{processed / 'sweeps.db'}", top=10)
     board = capsys.readouterr().out

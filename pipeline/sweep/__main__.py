@@ -59,16 +59,16 @@ def main() -> None:
     url = args.storage or studies.default_storage()
     if args.command == "show":
         return show_board(sweep, url, args.top)
-    from pipeline.sweep import workers  # torch and the data: not for `show`
-
     if args.jobs < 1:
         raise ParamsError(f"--jobs must be an integer >= 1, got {args.jobs}")
-    if args.worker is not None:
-        return workers.work(sweep, url, args.data, *args.worker)
-    if args.jobs == 1:
-        return workers.work(sweep, url, args.data)
-    workers.start_local(sweep, url, args.data, args.jobs, args.sweeps)
-    show_board(sweep, url, top=5)
+    if args.jobs > 1 and args.worker is None:  # the parent of K workers: no torch, no MLflow here
+        from pipeline.sweep import local
+
+        local.start_local(sweep, url, args.data, args.jobs, args.sweeps)
+        return show_board(sweep, url, top=5)
+    from pipeline.sweep import workers  # torch, MLflow and the data: a worker's
+
+    workers.work(sweep, url, args.data, *(args.worker or (0, 1)))
 
 
 def show_board(sweep, url: str, top: int) -> None:

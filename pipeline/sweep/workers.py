@@ -6,10 +6,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -18,7 +14,6 @@ from optuna.trial import TrialState
 
 from pipeline import tracking
 from pipeline.data import load_split
-from pipeline.errors import PipelineError
 from pipeline.runtime import pick_device, tune_malloc
 from pipeline.sweep import study as studies
 from pipeline.sweep.spec import Sweep
@@ -29,11 +24,6 @@ log = logging.getLogger("pipeline.sweep")
 # indexed Jobs. They keep the workers' sampler seeds apart.
 ARRAY_INDEX_VARS = ("SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX")
 WAIT_SECONDS = 2.0  # how often an idle worker looks at trials running elsewhere
-
-
-def cores() -> int:
-    """The CPUs this process may run on (a Slurm or container cpuset counts, not the host's)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def worker_seed(base: int | None, local_index: int, jobs: int, trials_so_far: int) -> int | None:
@@ -84,44 +74,3 @@ def work(sweep: Sweep, url: str, data: Path, local_index: int = 0, jobs: int = 1
 
 def _to(split: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return split[0].to(device), split[1].to(device)
-
-
-def start_local(sweep: Sweep, url: str, data: Path, jobs: int, folder: Path) -> None:
-    """K worker processes on this machine: each gets cores / K threads, or its own GPU on CUDA."""
-    gpus = torch.cuda.device_count()
-    threads = max(1, cores() // jobs)
-    if gpus and jobs > gpus:
-        log.warning("%d jobs on %d GPU(s): some GPUs run several trials at once", jobs, gpus)
-    log.info("%d workers, %s each", jobs, f"one GPU and {threads} thread(s)" if gpus else f"{threads} thread(s)")
-    studies.open_study(sweep, url, seed=None, attrs={})  # created once, before the workers race to
-    procs = []
-    for i in range(jobs):
-        # The storage URL through the environment: a password in it stays out of `ps`.
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "SWEEP_STORAGE": url}
-        if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
-        cmd = [sys.executable, "-m", "pipeline.sweep", "run", sweep.name, "--data", str(data), "--sweeps", str(folder)]
-        cmd += ["--worker", f"{i}/{jobs}"]
-        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, bufsize=1)
-        threading.Thread(target=_prefix, args=(proc, f"[worker {i}] "), daemon=True).start()
-        procs.append(proc)
-    try:
-        codes = [p.wait() for p in procs]
-    except KeyboardInterrupt as e:  # Ctrl-C reached the workers too (one process group); SIGTERM did not
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            p.wait()
-        e.add_note("the study keeps every finished trial; run the command again to go on")
-        raise
-    if failed := [f"worker {i} exited {c}" for i, c in enumerate(codes) if c]:
-        kept = "the study keeps every finished trial: run the command again to go on"
-        raise PipelineError(f"{', '.join(failed)}; {kept}")
-
-
-def _prefix(proc: subprocess.Popen, prefix: str) -> None:
-    """A worker's log lines on our stderr, each marked with the worker (its stderr is a pipe, so
-    its per-batch progress bars stay off)."""
-    for line in proc.stderr:
-        sys.stderr.write(prefix + line)
