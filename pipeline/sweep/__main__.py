@@ -53,7 +53,8 @@ def main() -> None:
 
     if args.command == "list":
         for path in sorted(SWEEPS.glob("*.yaml")):
-            print(f"{path.stem:20s} {path.read_text().splitlines()[0].lstrip('# ')}")
+            summary = path.read_text().splitlines()[0].lstrip("# ").removeprefix(f"{path.stem}: ")
+            print(f"{path.stem:20s} {summary}")
         return
     sweep = load_sweep(args.name, args.sweeps)
     url = args.storage or studies.default_storage()
