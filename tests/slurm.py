@@ -10,7 +10,6 @@ from __future__ import annotations
 import getpass
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -21,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from .conftest import stop_group
 
 TOOLS = ("mungekey", "munged", "slurmctld", "slurmd", "sbatch", "sinfo", "squeue", "scancel")
 SBIN = "/usr/sbin:/sbin"  # the daemons live here, which a non-root PATH may lack
@@ -98,18 +99,6 @@ def start(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
         return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the daemon's process group; SIGKILL what is left after 10 s."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 def logs(root: Path) -> str:
     return "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(root.glob("*.log")))
 
@@ -172,7 +161,7 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
         cancel_all(env)
     finally:
         for proc in reversed(daemons):  # slurmd, slurmctld, then munged which both talk to
-            stop(proc)
+            stop_group(proc)
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -5,7 +5,6 @@ import os
 import pwd
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from mlflow import MlflowClient
 
 from pipeline import download, preprocess
 
-from .conftest import REPO, evaluations_of, run_main, sh, sh_env, synthetic_repo
+from .conftest import REPO, evaluations_of, run_main, sh, sh_env, stop_group, synthetic_repo
 from .test_sweep import write_sweep
 from .test_tracking import free_port
 
@@ -133,19 +132,7 @@ def mlflow_server(postgres, tmp_path_factory) -> Iterator[tuple[str, Path]]:
             time.sleep(0.5)
         yield uri, artifacts
     finally:
-        stop(server)
-
-
-def stop(server: subprocess.Popen) -> None:
-    """Stop the server and the workers in its process group."""
-    if server.poll() is not None:
-        return
-    os.killpg(server.pid, signal.SIGTERM)
-    try:
-        server.wait(timeout=5)  # uvicorn waits for idle keep-alive clients; no need
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
+        stop_group(server, grace=5)  # uvicorn waits for idle keep-alive clients; no need
 
 
 def test_pipeline_logs_run_history_artifacts_and_model_to_the_server(
