@@ -29,12 +29,12 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from pipeline.data import load_split
-from pipeline.engine import EVAL_BATCH_SIZE, evaluate, train_one_epoch
-from pipeline.model import build_model
+from pipeline.core.engine import EVAL_BATCH_SIZE, evaluate, train_one_epoch
+from pipeline.core.model import build_model
+from pipeline.core.runtime import autocast_dtype, cpu_has_native_bf16, make_deterministic, tune_malloc
+from pipeline.data.splits import load_split
 from pipeline.params import ModelConfig, TrainConfig, load_section
 from pipeline.recipe import load_recipe
-from pipeline.runtime import autocast_dtype, cpu_has_native_bf16, make_deterministic, tune_malloc
 
 # The recipes (recipes/*.yaml) timed to accuracy, and the seeds each is trained with: every one
 # must reach the goal, not just their mean (`fast`: 99.0% in <= 4 s of training on 2 cores).

@@ -5,7 +5,7 @@
     python -m bench.gpu_check --device cpu --tiny      # the CPU mode that CI runs, on a few batches
 
 Needs only torch, numpy and tqdm (no MLflow, DVC, PyYAML or pandas): it runs the compute core
-(pipeline.engine, model, data, runtime, graphs) on a bare GPU box. Each measurement is independent;
+(pipeline.core.engine, model, data, runtime, graphs) on a bare GPU box. Each measurement is independent;
 one that fails is recorded with its error and the others still run. Prints a table and writes
 JSON after every measurement, so a run cut short keeps what it measured.
 """
@@ -27,11 +27,12 @@ from pathlib import Path
 
 import torch
 
-from pipeline import engine, graphs
-from pipeline.data import load_split
-from pipeline.model import build_model
+from pipeline.core import engine
+from pipeline.core.model import build_model
+from pipeline.core.runtime import autocast_dtype, device_tags, make_deterministic, pick_device, tune_malloc
+from pipeline.data.splits import load_split
+from pipeline.parallel import graphs
 from pipeline.params import ModelConfig, TrainConfig
-from pipeline.runtime import autocast_dtype, device_tags, make_deterministic, pick_device, tune_malloc
 
 SPLITS = ("train", "val", "test")
 PACKED = Path(".cache/gpu_data")

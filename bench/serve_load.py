@@ -38,7 +38,7 @@ import numpy as np
 import psutil
 
 from bench.benchmark import cpu_model
-from pipeline.serving import cores
+from pipeline.serving.pyfunc import cores
 
 OUT = Path(__file__).with_name("serve_results.json")
 BODIES = 4  # distinct request bodies per batch size, sent in turn
@@ -338,7 +338,7 @@ def main() -> None:
             log = Path(tmp) / "baseline.log"
             servers[f"before: {args.baseline}, --workers 1"] = stack.enter_context(serve(args.baseline, log)), log
         idle = {name: round(server.rss_mb()) for name, (server, _) in servers.items()}
-        inference = {  # what each worker said it runs (pipeline.serving's line in the server's log)
+        inference = {  # what each worker said it runs (pipeline.serving.pyfunc's line in the server's log)
             name: sorted(set(re.findall(r"pipeline\.serving: (.*)", log.read_text())))
             for name, (_, log) in servers.items()
         }

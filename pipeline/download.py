@@ -6,9 +6,9 @@ import argparse
 import logging
 from pathlib import Path
 
-from pipeline.errors import DataError, run_stage
-from pipeline.files import check_writable, write_bytes
-from pipeline.mnist import FILES, Untrusted, sources, verify
+from pipeline.common.errors import DataError, run_stage
+from pipeline.common.files import check_writable, write_bytes
+from pipeline.data.sources import FILES, Untrusted, sources, verify
 from pipeline.params import DownloadConfig, load_section
 
 log = logging.getLogger("pipeline.download")

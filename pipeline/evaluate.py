@@ -12,15 +12,16 @@ import torch
 from matplotlib.figure import Figure  # the object API: files only, no display backend needed
 from torch.nn import functional as F
 
-from pipeline import registry, tracking
-from pipeline.data import IMAGE_SIZE, NUM_CLASSES, load_split
-from pipeline.engine import predict
-from pipeline.errors import run_stage
-from pipeline.evaluation_run import evaluation_run, log_linked
-from pipeline.files import atomic_path, check_writable, write_json
-from pipeline.model import load_checkpoint
+from pipeline.common.errors import run_stage
+from pipeline.common.files import atomic_path, check_writable, write_json
+from pipeline.core.engine import predict
+from pipeline.core.model import load_checkpoint
+from pipeline.core.runtime import pick_device
+from pipeline.data.splits import IMAGE_SIZE, NUM_CLASSES, load_split
 from pipeline.params import EvaluateConfig, ModelConfig, RegisterConfig, load_section
-from pipeline.runtime import pick_device
+from pipeline.serving import registry
+from pipeline.tracking import datasets, provenance, runs, store
+from pipeline.tracking.evaluation_run import evaluation_run, log_linked
 
 log = logging.getLogger("pipeline.evaluate")
 
@@ -101,7 +102,7 @@ def main() -> None:
     images, labels = load_split(args.data / "test.pt")
     model = load_checkpoint(args.models / "model.pt", expected=model_cfg).to(device)
 
-    info = tracking.read_run_file(args.models / "mlflow_run.json")
+    info = runs.read_run_file(args.models / "mlflow_run.json")
     with evaluation_run(info):  # a run of its own, under the training run
         logits = predict(model, images.to(device), cfg.batch_size).cpu()
         predicted = logits.argmax(1)
@@ -123,12 +124,12 @@ def main() -> None:
         plot_misclassified(images, labels, predicted, args.out / "misclassified.png")
         write_json(args.out / "metrics.json", metrics)
 
-        mlflow.log_params(tracking.flat_params(evaluate=cfg, register=register_cfg))
-        test_set = tracking.log_dataset(images, labels, str(args.data / "test.pt"), "mnist-test", "evaluation")
+        mlflow.log_params(provenance.flat_params(evaluate=cfg, register=register_cfg))
+        test_set = datasets.log_dataset(images, labels, str(args.data / "test.pt"), "mnist-test", "evaluation")
         log_linked(metrics, info["run_id"], test_set)
         for name in ("metrics.json", "per_class.csv", "confusion_matrix.png", "misclassified.png"):
             mlflow.log_artifact(str(args.out / name), artifact_path="evaluation")
-        with tracking.store_lock():  # parallel experiments: one registration and alias move at a time
+        with store.store_lock():  # parallel experiments: one registration and alias move at a time
             log.info(registry.register_if_good(info["run_id"], metrics["test_accuracy"], register_cfg))
 
 

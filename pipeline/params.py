@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipeline.errors import ParamsError
+from pipeline.common.errors import ParamsError
 
 PARAMS_FILE = Path("params.yaml")
 DEVICES = ("auto", "cpu", "cuda", "mps")

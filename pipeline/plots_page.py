@@ -13,8 +13,8 @@ from pathlib import Path
 import vl_convert
 from dvc_render.html import HTML, PAGE_HTML
 
-from pipeline.errors import PipelineError, run_stage
-from pipeline.files import atomic_path
+from pipeline.common.errors import PipelineError, run_stage
+from pipeline.common.files import atomic_path
 
 log = logging.getLogger("pipeline.plots_page")
 

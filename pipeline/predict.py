@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.data import IMAGE_SIZE
-from pipeline.errors import DataError, PipelineError, run_stage
-from pipeline.inference import prepare
-from pipeline.model import load_checkpoint
+from pipeline.common.errors import DataError, PipelineError, run_stage
+from pipeline.core.inference import prepare
+from pipeline.core.model import load_checkpoint
+from pipeline.data.splits import IMAGE_SIZE
 
 log = logging.getLogger("pipeline.predict")
 

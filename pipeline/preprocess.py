@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.data import NUM_CLASSES, save_split
-from pipeline.errors import DataError, ParamsError, run_stage
-from pipeline.files import check_writable
-from pipeline.mnist import read_idx
+from pipeline.common.errors import DataError, ParamsError, run_stage
+from pipeline.common.files import check_writable
+from pipeline.data.idx import read_idx
+from pipeline.data.splits import NUM_CLASSES, save_split
 from pipeline.params import PreprocessConfig, load_section
 
 log = logging.getLogger("pipeline.preprocess")

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.errors import ParamsError, run_stage
+from pipeline.common.errors import ParamsError, run_stage
 from pipeline.params import ModelConfig, TrainConfig, parse_section, read_params
 
 RECIPES = Path("recipes")

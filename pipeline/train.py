@@ -14,14 +14,16 @@ import mlflow
 import pandas as pd
 import torch
 
-from pipeline import checkpoint_run, distributed, launch, tracking
-from pipeline.data import load_split
-from pipeline.distributed import World
-from pipeline.engine import TrainingDiverged, build, fit  # noqa: F401 (TrainingDiverged: train's error)
-from pipeline.errors import ParamsError, run_stage, shielded
-from pipeline.files import atomic_path, check_writable, save_torch
+from pipeline.common.errors import ParamsError, run_stage, shielded
+from pipeline.common.files import atomic_path, check_writable, save_torch
+from pipeline.core.engine import TrainingDiverged, build, fit  # noqa: F401 (TrainingDiverged: train's error
+from pipeline.core.runtime import autocast_dtype, device_tags, pick_device, release_memory, tune_malloc
+from pipeline.data.splits import load_split
+from pipeline.parallel import distributed, launch
+from pipeline.parallel.distributed import World
 from pipeline.params import MlflowConfig, ModelConfig, TrainConfig, load_section
-from pipeline.runtime import autocast_dtype, device_tags, pick_device, release_memory, tune_malloc
+from pipeline.serving import publish
+from pipeline.tracking import checkpoint_run, datasets, provenance, runs, server, store
 
 log = logging.getLogger("pipeline.train")
 PARALLEL_KEYS = ("nproc", "nnodes", "rdzv_endpoint")
@@ -73,7 +75,7 @@ def log_epochs(run_id: str, rows: list[dict[str, float]], kept: str, catch_up: b
     """Log the rows (one an epoch). With `catch_up` (a resumed run), only those whose epoch the run
     does not hold yet: a tracking server, down at the time, may not have taken them. Each epoch once."""
     # Shielded: SIGTERM or Ctrl-C is raised after the store's write, not inside it (see errors.shielded).
-    with tracking.answering(f"{kept}; run again once it answers, to resume into run {run_id}"), shielded():
+    with server.answering(f"{kept}; run again once it answers, to resume into run {run_id}"), shielded():
         logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "val_loss")} if catch_up else set()
         for row in rows:
             if int(row["epoch"]) not in logged:
@@ -84,7 +86,7 @@ def start_workers(cfg: TrainConfig, checkpoint: Path) -> None:
     """train.nproc x train.nnodes > 1: start this machine's workers through torchrun's elastic agent."""
     launch.check_devices(cfg.nproc, pick_device(cfg.device, "train.device"))
     if cfg.nnodes == 1 or launch.node_rank(cfg.nnodes) == 0:
-        tracking.connect()  # rank 0 will log: a dead server fails now, before any process starts
+        store.connect()  # rank 0 will log: a dead server fails now, before any process starts
     try:
         launch.start(cfg.nproc, cfg.nnodes, cfg.rdzv_endpoint, sys.argv[1:])
     except (launch.WorkerFailed, KeyboardInterrupt) as e:
@@ -151,7 +153,7 @@ def write(
 ) -> None:
     """Rank 0, or the only process: train, and log, checkpoint and save what it trained."""
     check_writable(args.out, args.checkpoint.parent)  # before hours of training, not after
-    tracking.connect()  # the repository's store, or a server that fails now if dead, before any work
+    store.connect()  # the repository's store, or a server that fails now if dead, before any work
     train_x, train_y = load_split(args.data / "train.pt")
     val_x, val_y = load_split(args.data / "val.pt")
     with open(args.data / "train.pt", "rb") as f:
@@ -162,18 +164,18 @@ def write(
 
     model = build(model_cfg, cfg, device)
     run_id = resume["run_id"] if resume else None
-    name = tracking.run_name(model_cfg, cfg)
-    with tracking.start_run(mlflow_cfg, name, run_id=run_id, system_metrics=True) as run:
+    name = runs.run_name(model_cfg, cfg)
+    with runs.start_run(mlflow_cfg, name, run_id=run_id, system_metrics=True) as run:
         log.info("MLflow run %s at %s; device %s", run.info.run_id, mlflow.get_tracking_uri(), device)
         if resume is None:
-            mlflow.log_params(tracking.flat_params(model=model_cfg, train=cfg))
-            tracking.log_dataset(train_x, train_y, str(args.data / "train.pt"), "mnist-train", "training")
+            mlflow.log_params(provenance.flat_params(model=model_cfg, train=cfg))
+            datasets.log_dataset(train_x, train_y, str(args.data / "train.pt"), "mnist-train", "training")
         precision = "bf16" if autocast_dtype(cfg.precision, device) else "fp32"
         tags = {**device_tags(device), "precision": precision, "data.train_md5": data_md5}
         tags |= {"world_size": str(world.size), "backend": world.backend}
-        if dvc_hash := tracking.dvc_out_hash(args.data.as_posix()):
+        if dvc_hash := provenance.dvc_out_hash(args.data.as_posix()):
             tags["data.dvc_md5"] = dvc_hash
-        if commit := tracking.git_commit(ignore=("params.yaml", "dvc.lock", args.out.as_posix())):
+        if commit := provenance.git_commit(ignore=("params.yaml", "dvc.lock", args.out.as_posix())):
             tags["git_commit"] = commit
         mlflow.set_tags(tags)
         # Every epoch's metrics, timings too: the checkpoint keeps them, so that epochs whose logging
@@ -201,9 +203,9 @@ def write(
         release_memory()  # the training buffers, before torch.export needs its own (peak RSS)
         with atomic_path(args.out / "history.csv") as tmp:
             pd.DataFrame(history).to_csv(tmp, index=False)
-        with tracking.answering(f"{args.checkpoint} keeps the trained weights: run again to log them"):
+        with server.answering(f"{args.checkpoint} keeps the trained weights: run again to log them"):
             mlflow.log_artifact(str(args.out / "history.csv"))
-            tracking.log_model(model, example=val_x[:4], model_cfg=model_cfg, step=cfg.epochs)
+            publish.log_model(model, example=val_x[:4], model_cfg=model_cfg, step=cfg.epochs)
         checkpoint = {
             "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
             "model": dataclasses.asdict(model_cfg),
@@ -211,7 +213,7 @@ def write(
             "history": history,
         }
         save_torch(args.out / "model.pt", checkpoint)
-        tracking.save_run_file(args.out / "mlflow_run.json", run)
+        runs.save_run_file(args.out / "mlflow_run.json", run)
     args.checkpoint.unlink(missing_ok=True)  # done: the next run starts fresh
 
 

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.mnist import FILES, idx_bytes, md5
+from pipeline.data.idx import idx_bytes, md5
+from pipeline.data.sources import FILES
 
 REPO = Path(__file__).resolve().parents[1]
 

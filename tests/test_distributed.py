@@ -14,10 +14,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipeline import distributed, engine, launch
-from pipeline.distributed import World
-from pipeline.errors import ParamsError, PipelineError
-from pipeline.model import build_model
+from pipeline.common.errors import ParamsError, PipelineError
+from pipeline.core import engine
+from pipeline.core.model import build_model
+from pipeline.parallel import distributed, launch
+from pipeline.parallel.distributed import World
 from pipeline.params import ModelConfig, TrainConfig
 
 from .conftest import run_main, set_params, synthetic_digits, train_until_checkpoint

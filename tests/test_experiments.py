@@ -14,9 +14,10 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from pipeline import tracking, train
-from pipeline.evaluation_run import evaluation_run
+from pipeline import train
 from pipeline.params import MlflowConfig, ModelConfig, TrainConfig
+from pipeline.tracking import runs, store
+from pipeline.tracking.evaluation_run import evaluation_run
 
 from .conftest import REPO, evaluations_of, run_main, set_params, train_until_checkpoint
 
@@ -37,10 +38,10 @@ def dvc_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Pat
 
 def test_runs_land_in_the_repository_store_not_in_the_temporary_copy(dvc_copy, tmp_path) -> None:
     root, copy = dvc_copy
-    assert tracking.connect() == f"sqlite:///{root / 'mlflow.db'}"
-    with tracking.start_run(MlflowConfig(experiment_name="exps"), "a") as run:
+    assert store.connect() == f"sqlite:///{root / 'mlflow.db'}"
+    with runs.start_run(MlflowConfig(experiment_name="exps"), "a") as run:
         mlflow.log_text("hello", "note.txt")
-        tracking.save_run_file(copy / "models/mlflow_run.json", run)
+        runs.save_run_file(copy / "models/mlflow_run.json", run)
     assert (root / "mlflow.db").is_file() and not (copy / "mlflow.db").exists()
     client = MlflowClient()
     artifact = Path(client.get_run(run.info.run_id).info.artifact_uri.removeprefix("file://")) / "note.txt"
@@ -61,7 +62,7 @@ def test_runs_land_in_the_repository_store_not_in_the_temporary_copy(dvc_copy, t
     other = f"sqlite:///{tmp_path / 'other.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = other
     try:
-        assert tracking.connect() == other
+        assert store.connect() == other
     finally:
         del os.environ["MLFLOW_TRACKING_URI"]
 
@@ -71,17 +72,17 @@ def test_run_names_come_from_dvc_or_the_settings_never_from_the_seeded_rng(monke
     names = []
     for _ in range(2):
         random.seed(42)  # what make_deterministic does; MLflow drew its names from this RNG
-        names.append(tracking.run_name(model, cfg))
+        names.append(runs.run_name(model, cfg))
     assert names[0] != names[1]
     assert all(re.fullmatch(r"fast-nf16-e2-b256-lr0\.02-[0-9a-f]{4}", n) for n in names), names
     monkeypatch.setenv("DVC_EXP_NAME", "lucid-yawl")
-    assert tracking.run_name(model, cfg) == "lucid-yawl"
+    assert runs.run_name(model, cfg) == "lucid-yawl"
 
 
 def test_dvc_experiment_tags_and_the_run_mlflow_run_made_takes_the_dvc_name(workdir, monkeypatch) -> None:
     monkeypatch.setenv("DVC_EXP_NAME", "lucid-yawl")
     monkeypatch.setenv("DVC_EXP_BASELINE_REV", "0123abcd")
-    with tracking.start_run(MlflowConfig(experiment_name="tests"), "lucid-yawl") as run:
+    with runs.start_run(MlflowConfig(experiment_name="tests"), "lucid-yawl") as run:
         pass
     tags = MlflowClient().get_run(run.info.run_id).data.tags
     assert tags["dvc.exp_name"] == "lucid-yawl" and tags["dvc.baseline_rev"] == "0123abcd"
@@ -89,7 +90,7 @@ def test_dvc_experiment_tags_and_the_run_mlflow_run_made_takes_the_dvc_name(work
     # `mlflow run` creates the run (MLFLOW_RUN_ID) under a random name; the stage renames it.
     made = MlflowClient().create_run(run.info.experiment_id, run_name="capable-auk-759")
     monkeypatch.setenv("MLFLOW_RUN_ID", made.info.run_id)
-    with tracking.start_run(MlflowConfig(experiment_name="tests"), "lucid-yawl"):
+    with runs.start_run(MlflowConfig(experiment_name="tests"), "lucid-yawl"):
         pass
     assert MlflowClient().get_run(made.info.run_id).info.run_name == "lucid-yawl"
 
@@ -98,15 +99,15 @@ def test_a_sweep_tags_its_runs_and_the_experiment_says_how_to_find_them(workdir)
     cfg = MlflowConfig(experiment_name="tests", sweep="lr-grid")
     ids = []
     for name in ("a", "b"):
-        with tracking.start_run(cfg, name) as run:
+        with runs.start_run(cfg, name) as run:
             ids.append(run.info.run_id)
-    with tracking.start_run(MlflowConfig(experiment_name="tests"), "not-in-it"):
+    with runs.start_run(MlflowConfig(experiment_name="tests"), "not-in-it"):
         pass
     client = MlflowClient()
     experiment = client.get_experiment_by_name("tests")
-    runs = client.search_runs([experiment.experiment_id], "tags.sweep = 'lr-grid'")  # the UI's filter
-    assert sorted(r.info.run_id for r in runs) == sorted(ids)
-    assert experiment.tags["mlflow.note.content"] == tracking.DESCRIPTION
+    found = client.search_runs([experiment.experiment_id], "tags.sweep = 'lr-grid'")  # the UI's filter
+    assert sorted(r.info.run_id for r in found) == sorted(ids)
+    assert experiment.tags["mlflow.note.content"] == store.DESCRIPTION
 
 
 WORKER = """
@@ -114,17 +115,20 @@ import sys
 from pathlib import Path
 
 import mlflow
-from pipeline import tracking, train
-from pipeline.evaluation_run import evaluation_run
+from pipeline import train
+from pipeline.tracking import datasets
+from pipeline.tracking import runs
+from pipeline.tracking import store
+from pipeline.tracking.evaluation_run import evaluation_run
 from pipeline.params import MlflowConfig
 
-tracking.connect()
-with tracking.start_run(MlflowConfig(experiment_name="parallel", sweep="s"), f"w{sys.argv[1]}") as run:
+store.connect()
+with runs.start_run(MlflowConfig(experiment_name="parallel", sweep="s"), f"w{sys.argv[1]}") as run:
     for step in range(1, 21):
         mlflow.log_metrics({"loss": 1 / step, "accuracy": step / 20}, step=step)
     mlflow.log_params({f"p{i}": i for i in range(20)})
     mlflow.log_text("x" * 10000, "artifact.txt")
-    tracking.save_run_file(Path(f"run{sys.argv[1]}.json"), run)
+    runs.save_run_file(Path(f"run{sys.argv[1]}.json"), run)
 """
 
 
@@ -164,11 +168,13 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import torch
-from pipeline import tracking
+from pipeline.tracking import datasets
+from pipeline.tracking import runs
+from pipeline.tracking import store
 from pipeline.params import MlflowConfig
 
 me, workers, rounds = map(int, sys.argv[1:])
-tracking.connect()
+store.connect()
 images, labels = torch.zeros(50, 1, 28, 28, dtype=torch.uint8), torch.arange(50) % 10
 for r in range(rounds):
     # A barrier: every process starts logging into the round's new experiment at the same moment.
@@ -176,9 +182,9 @@ for r in range(rounds):
     while len(list(Path().glob(f"ready-{r}-*"))) < workers:
         time.sleep(0.005)
     try:
-        with tracking.start_run(MlflowConfig(experiment_name=f"race-{r}"), f"w{me}"):
+        with runs.start_run(MlflowConfig(experiment_name=f"race-{r}"), f"w{me}"):
             for k in range(6):  # six first inserts a round, each a chance to collide
-                tracking.log_dataset(images[k:], labels[k:], f"split{k}.pt", f"split-{k}", "training")
+                datasets.log_dataset(images[k:], labels[k:], f"split{k}.pt", f"split-{k}", "training")
     except Exception:
         for later in range(r + 1, rounds):  # the others must not wait for us at the next barriers
             Path(f"ready-{later}-{me}").touch()

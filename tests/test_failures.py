@@ -15,10 +15,13 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from pipeline import credentials, download, engine, errors, evaluate, files, preprocess, tracking, train
-from pipeline.errors import DataError, PipelineError, run_stage
-from pipeline.mnist import idx_bytes
+from pipeline import download, evaluate, preprocess, train
+from pipeline.common import credentials, errors, files
+from pipeline.common.errors import DataError, PipelineError, run_stage
+from pipeline.core import engine
+from pipeline.data.idx import idx_bytes
 from pipeline.params import MlflowConfig
+from pipeline.tracking import runs, store
 
 from .conftest import REPO, run_id_of, run_main, set_params, synthetic_digits, train_until_checkpoint
 
@@ -264,9 +267,9 @@ def test_sigterm_during_an_epoch_s_metrics_write_lands_after_it(workdir, monkeyp
         time.sleep(0.05)  # the signal arrives mid-call
         return real(*args, **kwargs)
 
-    tracking.connect()
+    store.connect()
     with pytest.raises(errors.Terminated):
-        with tracking.start_run(MlflowConfig(experiment_name="tests"), "sigterm") as run:
+        with runs.start_run(MlflowConfig(experiment_name="tests"), "sigterm") as run:
             monkeypatch.setattr(mlflow, "log_metrics", interrupted)
             train.log_epochs(run.info.run_id, [{"epoch": 1, "val_loss": 0.5}], kept="ckpt.pt keeps epoch 1")
     client = MlflowClient()

@@ -14,7 +14,7 @@ import yaml
 from mlflow import MlflowClient
 
 from pipeline import evaluate, train
-from pipeline.errors import PipelineError
+from pipeline.common.errors import PipelineError
 
 from .conftest import REPO, run_main, set_params, tiny_params
 

@@ -10,8 +10,9 @@ import sys
 import pytest
 import torch
 
-from pipeline import engine, graphs
-from pipeline.model import build_model
+from pipeline.core import engine
+from pipeline.core.model import build_model
+from pipeline.parallel import graphs
 from pipeline.params import ModelConfig, TrainConfig
 
 from .conftest import REPO

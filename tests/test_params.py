@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from pipeline import params as P
-from pipeline.errors import ParamsError
+from pipeline.common.errors import ParamsError
 
 from .conftest import REPO
 

@@ -14,7 +14,7 @@ import pytest
 from dvc_render import VegaRenderer, render_html
 
 from pipeline import plots_page
-from pipeline.errors import PipelineError
+from pipeline.common.errors import PipelineError
 
 from .browser import Browser, chromium
 from .conftest import REPO, copy_repo, needed

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFile, ImageOps
 
 from pipeline import predict
-from pipeline.errors import DataError
+from pipeline.common.errors import DataError
 from pipeline.predict import ImageError, from_16_bit, load_image, to_mnist
 
 SEVEN = [(40, 30), (150, 30), (80, 170)]  # a "7" stroke, off-centre in a 320x240 picture

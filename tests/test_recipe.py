@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from pipeline import recipe
-from pipeline.errors import ParamsError
+from pipeline.common.errors import ParamsError
 
 from .conftest import REPO
 

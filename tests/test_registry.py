@@ -1,4 +1,4 @@
-"""pipeline.registry: below the threshold nothing is registered; the champion alias follows the best
+"""pipeline.serving.registry: below the threshold nothing is registered; the champion alias follows the best
 version; a model is registered once however often it is evaluated."""
 
 import pytest
@@ -6,7 +6,7 @@ from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus
 
 from pipeline.params import RegisterConfig
-from pipeline.registry import ALIAS, register_if_good
+from pipeline.serving.registry import ALIAS, register_if_good
 
 from .conftest import run_id_of
 

@@ -12,7 +12,8 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from pipeline import engine, preprocess, runtime, train
+from pipeline import preprocess, train
+from pipeline.core import engine, runtime
 
 from .conftest import run_main
 
@@ -135,8 +136,8 @@ def test_data_split_and_initial_weights_do_not_depend_on_the_device(
 
 
 def test_a_device_that_is_not_there_is_a_params_error(monkeypatch) -> None:
-    from pipeline.errors import ParamsError
-    from pipeline.runtime import pick_device
+    from pipeline.common.errors import ParamsError
+    from pipeline.core.runtime import pick_device
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     with pytest.raises(ParamsError, match=r"train.device is 'cuda' but this machine has 0 CUDA device\(s\)"):

@@ -14,12 +14,12 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from bench import serve_load
-from pipeline import serving
-from pipeline.data import load_split
-from pipeline.inference import prepare
-from pipeline.model import load_checkpoint
-from pipeline.runtime import cpu_has_native_bf16
-from pipeline.serving import COLUMNS, MAX_BATCH, to_batch
+from pipeline.core.inference import prepare
+from pipeline.core.model import load_checkpoint
+from pipeline.core.runtime import cpu_has_native_bf16
+from pipeline.data.splits import load_split
+from pipeline.serving import pyfunc
+from pipeline.serving.pyfunc import COLUMNS, MAX_BATCH, to_batch
 
 from .conftest import run_id_of
 
@@ -92,15 +92,15 @@ def test_workers_divide_the_cores_and_an_explicit_setting_wins(monkeypatch) -> N
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("MLFLOW_MODELS_WORKERS", raising=False)
     try:
-        assert serving.server_workers() is None  # not under `mlflow models serve`: threads untouched
-        assert serving.divide_threads() == before
-        monkeypatch.setattr(serving, "cores", lambda: 16)
+        assert pyfunc.server_workers() is None  # not under `mlflow models serve`: threads untouched
+        assert pyfunc.divide_threads() == before
+        monkeypatch.setattr(pyfunc, "cores", lambda: 16)
         for workers, threads in [(1, 16), (2, 8), (3, 5), (16, 1), (32, 1)]:
             monkeypatch.setenv("MLFLOW_MODELS_WORKERS", str(workers))  # what --workers N sets
-            assert serving.server_workers() == workers and serving.divide_threads() == threads
+            assert pyfunc.server_workers() == workers and pyfunc.divide_threads() == threads
         monkeypatch.setenv("OMP_NUM_THREADS", "3")
         torch.set_num_threads(3)
-        assert serving.divide_threads() == 3
+        assert pyfunc.divide_threads() == 3
     finally:
         torch.set_num_threads(before)
 
@@ -162,11 +162,11 @@ def server(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 def test_each_worker_runs_its_share_of_the_cores_in_the_fast_layout(server) -> None:
     said = set(re.findall(r"pipeline\.serving: (.*)", server.log.read_text()))  # one line per worker, alike
     precision = "bf16 autocast" if cpu_has_native_bf16() else "fp32"
-    threads, cores = max(1, serving.cores() // 2), serving.cores()
+    threads, cores = max(1, pyfunc.cores() // 2), pyfunc.cores()
     assert said == {
         f"classifier runs in {precision}, channels_last, {threads} torch thread(s) ({cores} cores / 2 worker(s))"
     }
-    assert server.log.read_text().count("pipeline.serving: ") == 2
+    assert server.log.read_text().count("pipeline.serving.pyfunc: ") == 2
 
 
 @pytest.mark.slow

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from bench import benchmark
-from pipeline import download, preprocess, runtime, train
-from pipeline.model import FastNet, build_model
+from pipeline import download, preprocess, train
+from pipeline.core import runtime
+from pipeline.core.model import FastNet, build_model
 from pipeline.params import ModelConfig, TrainConfig
 
 from .conftest import run_main

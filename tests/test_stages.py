@@ -9,10 +9,10 @@ import torch
 from mlflow import MlflowClient
 
 from pipeline import download, evaluate, preprocess, train
-from pipeline.data import load_split, save_split
-from pipeline.engine import train_one_epoch
-from pipeline.errors import DataError, ParamsError
-from pipeline.model import Net
+from pipeline.common.errors import DataError, ParamsError
+from pipeline.core.engine import train_one_epoch
+from pipeline.core.model import Net
+from pipeline.data.splits import load_split, save_split
 from pipeline.params import ModelConfig, TrainConfig
 
 from .conftest import evaluations_of, run_main

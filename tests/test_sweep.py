@@ -12,9 +12,10 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from pipeline import engine, recipe, train
-from pipeline.data import load_split
-from pipeline.errors import ParamsError
+from pipeline import recipe, train
+from pipeline.common.errors import ParamsError
+from pipeline.core import engine
+from pipeline.data.splits import load_split
 from pipeline.params import ModelConfig, TrainConfig
 from pipeline.sweep import local, workers
 from pipeline.sweep import trial as trial_module

@@ -13,9 +13,9 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from pipeline import tracking
-from pipeline.errors import PipelineError
-from pipeline.evaluation_run import evaluation_run
+from pipeline.common.errors import PipelineError
+from pipeline.tracking import provenance, runs, server
+from pipeline.tracking.evaluation_run import evaluation_run
 
 from .conftest import REPO
 
@@ -61,31 +61,29 @@ def test_refused_connection_names_the_uri_at_once() -> None:
     uri = f"http://127.0.0.1:{free_port()}"
     start = time.perf_counter()
     with pytest.raises(PipelineError, match=f"{uri} is unreachable: connection refused"):
-        tracking.check_tracking_server(uri)
+        server.check_tracking_server(uri)
     assert time.perf_counter() - start < 5
 
 
 def test_silent_server_times_out_instead_of_hanging(silent_server) -> None:
     start = time.perf_counter()
     with pytest.raises(PipelineError, match=f"{silent_server} is unreachable: no answer within 1 s"):
-        tracking.check_tracking_server(silent_server, timeout=1)
+        server.check_tracking_server(silent_server, timeout=1)
     assert time.perf_counter() - start < 5
 
 
 def test_a_server_that_is_not_mlflow_is_named(other_web_server) -> None:
     with pytest.raises(PipelineError, match=f"{other_web_server} does not answer as an MLflow .* HTTP 404"):
-        tracking.check_tracking_server(other_web_server)
+        server.check_tracking_server(other_web_server)
 
 
 def test_local_stores_need_no_probe_and_http_retries_are_bounded(monkeypatch) -> None:
-    tracking.check_tracking_server("sqlite:///nowhere/mlflow.db")  # no request, no error
+    server.check_tracking_server("sqlite:///nowhere/mlflow.db")  # no request, no error
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "7")  # the user's choice wins
     with pytest.raises(PipelineError):
-        tracking.check_tracking_server(f"http://127.0.0.1:{free_port()}")
-    assert (
-        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == tracking.HTTP_ENV_DEFAULTS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
-    )
+        server.check_tracking_server(f"http://127.0.0.1:{free_port()}")
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == server.HTTP_ENV_DEFAULTS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
 
 
@@ -118,7 +116,7 @@ def test_under_mlflow_run_evaluate_logs_into_that_run_and_links_the_model_run(wo
     run_file = workdir / "mlflow_run.json"
     run_file.write_text(f'{{"run_id": "{model_run.info.run_id}", "tracking_uri": "unused"}}')
     monkeypatch.setenv("MLFLOW_RUN_ID", this_run.info.run_id)
-    with evaluation_run(tracking.read_run_file(run_file)) as run:
+    with evaluation_run(runs.read_run_file(run_file)) as run:
         mlflow.log_metric("test_accuracy", 0.5)
     assert run.info.run_id == this_run.info.run_id
     logged = MlflowClient().get_run(this_run.info.run_id).data
@@ -138,10 +136,10 @@ def test_git_commit_is_dirty_exactly_when_tracked_files_other_than_the_ignored_o
     sh(tmp_path, "git", "commit", "-qm", "first")
     head = sh(tmp_path, "git", "rev-parse", "HEAD").strip()
     monkeypatch.chdir(tmp_path)
-    assert tracking.git_commit(ignore=("params.yaml",)) == head
+    assert provenance.git_commit(ignore=("params.yaml",)) == head
     (tmp_path / "params.yaml").write_text("x = 2\n")  # what DVC changes in an experiment
     (tmp_path / "notes.txt").write_text("untracked\n")
-    assert tracking.git_commit(ignore=("params.yaml",)) == head
+    assert provenance.git_commit(ignore=("params.yaml",)) == head
     (tmp_path / "train.py").write_text("x = 2\n")  # the code
-    assert tracking.git_commit(ignore=("params.yaml",)) == f"{head}-dirty"
-    assert tracking.git_commit() == f"{head}-dirty"
+    assert provenance.git_commit(ignore=("params.yaml",)) == f"{head}-dirty"
+    assert provenance.git_commit() == f"{head}-dirty"

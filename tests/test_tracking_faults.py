@@ -19,9 +19,10 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from pipeline import tracking
 from pipeline import train as train_stage
-from pipeline.errors import PipelineError
+from pipeline.common.errors import PipelineError
+from pipeline.tracking import server as tracking_server
+from pipeline.tracking import store
 
 from .conftest import REPO, run_main, set_params, train_until_checkpoint
 from .test_tracking import free_port
@@ -171,15 +172,15 @@ def test_a_server_answering_5xx_beyond_the_retries_is_one_clear_error(server, mo
     proxy = Proxy(f"127.0.0.1:{server.port}")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", proxy.uri)
     monkeypatch.setattr("mlflow.tracking._tracking_service.utils._tracking_uri", None)
-    tracking.connect()
+    store.connect()
     run = MlflowClient().create_run(MlflowClient().create_experiment("faults"))
     proxy.failures = 1000
     start = time.monotonic()
     with pytest.raises(PipelineError, match=f"server {proxy.uri} stopped answering \\(HTTP 503 after 3 tries\\); kept"):
-        with tracking.answering("kept"):
+        with tracking_server.answering("kept"):
             mlflow.MlflowClient().log_metric(run.info.run_id, "loss", 1.0)
     assert time.monotonic() - start < 15  # MLflow's retries, bounded by the pipeline's settings
-    assert proxy.refused == 1 + int(tracking.HTTP_ENV_DEFAULTS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])
+    assert proxy.refused == 1 + int(tracking_server.HTTP_ENV_DEFAULTS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])
     proxy.shutdown()
 
 
@@ -188,11 +189,12 @@ import sys, time
 from pathlib import Path
 
 from mlflow import MlflowClient
-from pipeline import registry, tracking
+from pipeline.serving import registry
+from pipeline.tracking import store
 from pipeline.params import RegisterConfig
 
 run_id, accuracy, role, meet = sys.argv[1], float(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
-tracking.connect()
+store.connect()
 if role == "stale":  # decides first and writes last: the write that used to leave the worse champion
     move = MlflowClient.set_registered_model_alias
 
@@ -207,7 +209,7 @@ if role == "stale":  # decides first and writes last: the write that used to lea
 else:
     while not (meet / "decided").exists():
         time.sleep(0.05)
-with tracking.store_lock():  # each clone's own lock: no help across clones
+with store.store_lock():  # each clone's own lock: no help across clones
     print(registry.register_if_good(run_id, accuracy, RegisterConfig(name="shared", min_accuracy=0.5)))
 (meet / f"{role}-done").touch()
 (meet / "other-done").touch()
@@ -241,7 +243,7 @@ def test_two_clones_racing_on_one_server_leave_the_champion_on_the_better_versio
 def test_a_champion_that_cannot_be_read_stops_the_registration_and_moves_nothing(server, monkeypatch, status) -> None:
     """Only "not found" means no champion: a server error or a refusal is one line, and nothing is registered."""
     from pipeline.params import RegisterConfig
-    from pipeline.registry import register_if_good
+    from pipeline.serving.registry import register_if_good
 
     from .test_registry import model_run
 

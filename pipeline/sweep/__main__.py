@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.errors import ParamsError, run_stage
+from pipeline.common.errors import ParamsError, run_stage
 from pipeline.sweep import study as studies
 from pipeline.sweep.spec import SWEEPS, load_sweep
 

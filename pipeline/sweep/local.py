@@ -11,7 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
-from pipeline.errors import PipelineError
+from pipeline.common.errors import PipelineError
 from pipeline.sweep import study as studies
 from pipeline.sweep.spec import Sweep
 

@@ -12,7 +12,7 @@ from typing import Any
 import optuna
 
 from pipeline import recipe
-from pipeline.errors import ParamsError
+from pipeline.common.errors import ParamsError
 from pipeline.params import ModelConfig, TrainConfig, parse_section, read_params
 
 SWEEPS = Path("sweeps")

@@ -13,9 +13,9 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from pipeline.credentials import redact
-from pipeline.errors import ParamsError, PipelineError
-from pipeline.files import atomic_path
+from pipeline.common.credentials import redact
+from pipeline.common.errors import ParamsError, PipelineError
+from pipeline.common.files import atomic_path
 from pipeline.sweep.spec import Sweep
 
 log = logging.getLogger("pipeline.sweep")

@@ -13,13 +13,13 @@ import optuna
 import torch
 from mlflow.data.dataset import Dataset
 
-from pipeline import tracking
-from pipeline.engine import Split, TrainingDiverged, build, fit
-from pipeline.errors import ParamsError
+from pipeline.common.errors import ParamsError
+from pipeline.core.engine import Split, TrainingDiverged, build, fit
+from pipeline.core.runtime import autocast_dtype, device_tags
 from pipeline.params import MlflowConfig, load_section
-from pipeline.runtime import autocast_dtype, device_tags
 from pipeline.sweep.spec import Sweep
 from pipeline.sweep.study import RUN_ID_ATTR
+from pipeline.tracking import datasets, provenance, store
 
 log = logging.getLogger("pipeline.sweep")
 
@@ -34,7 +34,7 @@ class Objective:
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.tags = {**tags, **device_tags(device), "sweep": sweep.name, "sweep.worker": self.worker}
         # The pipeline's experiment: `tags.sweep = '<name>'` picks the sweep out of it in `mlflow ui`.
-        self.experiment_id = tracking.experiment_id(load_section("mlflow", MlflowConfig).experiment_name)
+        self.experiment_id = store.experiment_id(load_section("mlflow", MlflowConfig).experiment_name)
 
     def __call__(self, trial: optuna.Trial) -> float:
         try:
@@ -50,8 +50,8 @@ class Objective:
             trial.set_user_attr(key, value)
         status, state = "FAILED", "FAIL"
         try:
-            mlflow.log_params(tracking.flat_params(model=model_cfg, train=cfg))
-            tracking.log_input(self.dataset, context="training")
+            mlflow.log_params(provenance.flat_params(model=model_cfg, train=cfg))
+            datasets.log_input(self.dataset, context="training")
             model = build(model_cfg, cfg, self.device)
 
             def on_epoch(row: dict[str, float], _state: dict[str, Any]) -> None:

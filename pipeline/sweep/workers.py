@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 from optuna.trial import TrialState
 
-from pipeline import tracking
-from pipeline.data import load_split
-from pipeline.runtime import pick_device, tune_malloc
+from pipeline.core.runtime import pick_device, tune_malloc
+from pipeline.data.splits import load_split
 from pipeline.sweep import study as studies
 from pipeline.sweep.spec import Sweep
 from pipeline.sweep.trial import Objective
+from pipeline.tracking import datasets, provenance, runs, store
 
 log = logging.getLogger("pipeline.sweep")
 # Indexes that cluster schedulers give the workers of one submission: Slurm job arrays, Kubernetes
@@ -39,16 +39,16 @@ def work(sweep: Sweep, url: str, data: Path, local_index: int = 0, jobs: int = 1
     """Run trials until the study holds sweep.trials complete or pruned ones. A trial that another
     worker was running when it died is failed after 2 heartbeats and run again here."""
     tune_malloc()
-    tracking.connect()  # MLFLOW_TRACKING_URI, else the repository's store; a dead server fails now
+    store.connect()  # MLFLOW_TRACKING_URI, else the repository's store; a dead server fails now
     device = pick_device("auto", "the sweep's device")
     train, val = load_split(data / "train.pt"), load_split(data / "val.pt")
     with open(data / "train.pt", "rb") as f:
         md5 = hashlib.file_digest(f, "md5").hexdigest()
-    commit = tracking.git_commit(ignore=("params.yaml", "dvc.lock", "recipes")) or "unknown"
+    commit = provenance.git_commit(ignore=("params.yaml", "dvc.lock", "recipes")) or "unknown"
     study = studies.open_study(sweep, url, seed=None, attrs={"data.train_md5": md5})
     study.sampler = sweep.make_sampler(worker_seed(sweep.sampler.get("seed", 0), local_index, jobs, len(study.trials)))
-    dataset = tracking.dataset(*train, source=str(data / "train.pt"), name="mnist-train")
-    tags = {"data.train_md5": md5, "git_commit": commit, **tracking.dvc_tags()}
+    dataset = datasets.dataset(*train, source=str(data / "train.pt"), name="mnist-train")
+    tags = {"data.train_md5": md5, "git_commit": commit, **runs.dvc_tags()}
     objective = Objective(sweep, _to(train, device), _to(val, device), dataset, device, tags)
     threads, where = torch.get_num_threads(), studies.redact(url)
     log.info("worker on %s with %d thread(s), study %r at %s", device, threads, sweep.name, where)

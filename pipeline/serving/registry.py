@@ -17,11 +17,11 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from pipeline.errors import PipelineError, redact
+from pipeline.common.errors import PipelineError, redact
 from pipeline.params import RegisterConfig
-from pipeline.serving import ARTIFACT
+from pipeline.serving.pyfunc import ARTIFACT
 
-# The serving model (pipeline/serving.py) is the one registered: it takes what a client sends
+# The serving model (pipeline/serving/pyfunc.py) is the one registered: it takes what a client sends
 # (28x28 images or 784-column rows) and answers digit + probabilities, which is what a
 # `models:/<name>@champion` user wants. The run's `model` (pytorch flavor, logits) stays in the run.
 ALIAS = "champion"

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import numbers
 import os
 import sys
-import tempfile
-from importlib.metadata import version
 from pathlib import Path
 from typing import NoReturn
 
@@ -17,26 +14,30 @@ import numpy as np
 import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-from mlflow.types import ColSpec, Schema
 
-from pipeline.data import IMAGE_SIZE, NUM_CLASSES
-from pipeline.inference import prepare
-from pipeline.model import load_checkpoint
-from pipeline.params import ModelConfig
+from pipeline.core.inference import prepare
+from pipeline.core.model import load_checkpoint
+from pipeline.data.splits import IMAGE_SIZE, NUM_CLASSES
 
-log = logging.getLogger("pipeline.serving")
+log = logging.getLogger("pipeline.serving.pyfunc")
+
 
 ARTIFACT = "classifier"
 PIXELS = IMAGE_SIZE * IMAGE_SIZE  # 784 columns in a DataFrame row, row-major
+
+
 COLUMNS = ["digit", *(f"prob_{k}" for k in range(NUM_CLASSES))]
 SHAPES = "(N, 28, 28), (N, 1, 28, 28) or (N, 784)"
+
+
 # Images per request. Bounds a request's time and memory: on the 2-core development CPU a batch of
 # 256 (about 1 MB of JSON) takes about 0.4 s with the tutorial network at nf 32, and a single batch
 # of 4096 held the server for 5.7 s and grew it by 200 MB. Clients send larger sets in batches.
 MAX_BATCH = 256
 NUMBERS = "pixels must be numbers (uint8 0-255 or float on the same scale)"
+
+
 RANGE = "pixels must lie in [0, 255] (white digit on black, like MNIST)"
 
 
@@ -92,7 +93,7 @@ class DigitClassifier(mlflow.pyfunc.PythonModel):
         self.inference = prepare(load_checkpoint(Path(context.artifacts["checkpoint"])))
         line = f"classifier runs in {self.inference.describe()}, {threads} torch thread(s)"
         if workers := server_workers():  # the server configures no logging of ours: straight to its log
-            print(f"pipeline.serving: {line} ({cores()} cores / {workers} worker(s))", file=sys.stderr, flush=True)
+            print(f"{__name__}: {line} ({cores()} cores / {workers} worker(s))", file=sys.stderr, flush=True)
         else:
             log.info(line)
 
@@ -135,37 +136,3 @@ def divide_threads() -> int:
     if workers and not os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(max(1, cores() // workers))
     return torch.get_num_threads()
-
-
-def pins(*distributions: str) -> list[str]:
-    """Exact pins of installed distributions, for a logged model's requirements (MLflow adds itself)."""
-    # Given, not inferred: MLflow infers them by loading the model in a subprocess (4-25 s a run on
-    # 2 cores), which also drags in whatever was imported. "+cu130"-style local tags are not on PyPI.
-    return [f"{name}=={version(name).split('+')[0]}" for name in distributions]
-
-
-def log_classifier(model: torch.nn.Module, model_cfg: ModelConfig, example: np.ndarray, step: int = 0) -> None:
-    """Log the serving model `classifier` of the active run: weights + this code, no pickle."""
-    # Models from code (serving_code.py) with a weights-only checkpoint and the pipeline package
-    # as code: loading runs our Net, so any batch size works, and neither the wrapper nor the
-    # weights need pickle deserialization (the reason `model` is logged as pt2).
-    # The signature names the outputs only: the inputs take several shapes and dtypes (see
-    # to_batch), which one MLflow tensor spec cannot express, so to_batch enforces them.
-    signature = ModelSignature(
-        inputs=None, outputs=Schema([ColSpec("long", "digit"), *(ColSpec("float", c) for c in COLUMNS[1:])])
-    )
-    here = Path(__file__).parent
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = Path(tmp) / "model.pt"
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        torch.save({"state_dict": state, "model": dataclasses.asdict(model_cfg)}, checkpoint)
-        mlflow.pyfunc.log_model(
-            name=ARTIFACT,
-            python_model=str(here / "serving_code.py"),
-            artifacts={"checkpoint": str(checkpoint)},
-            code_paths=[str(here)],
-            signature=signature,
-            input_example=example,
-            pip_requirements=pins("torch", "numpy", "pandas", "pyyaml"),  # what pipeline/ imports
-            step=step,
-        )

@@ -12,12 +12,12 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from pipeline import distributed, graphs
-from pipeline.distributed import ALONE, World
-from pipeline.errors import PipelineError
-from pipeline.model import build_model
+from pipeline.common.errors import PipelineError
+from pipeline.core.model import build_model
+from pipeline.core.runtime import autocast_dtype, make_deterministic
+from pipeline.parallel import distributed, graphs
+from pipeline.parallel.distributed import ALONE, World
 from pipeline.params import ModelConfig, TrainConfig
-from pipeline.runtime import autocast_dtype, make_deterministic
 
 log = logging.getLogger("pipeline.train")
 Split = tuple[torch.Tensor, torch.Tensor]

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.errors import ParamsError
+from pipeline.common.errors import ParamsError
 
 # cuBLAS reads this once, when CUDA creates its first handle; setting it at import, before any
 # stage touches CUDA, is what makes matrix products deterministic on the GPU. ":4096:8" is the

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.data import IMAGE_SIZE, NUM_CLASSES
-from pipeline.errors import DataError
+from pipeline.common.errors import DataError
+from pipeline.data.splits import IMAGE_SIZE, NUM_CLASSES
 from pipeline.params import ModelConfig
 
 FAST_CROP = 2  # FastNet drops this many border pixels on each side

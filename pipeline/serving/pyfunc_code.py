@@ -2,6 +2,6 @@
 
 from mlflow.models import set_model
 
-from pipeline.serving import DigitClassifier
+from pipeline.serving.pyfunc import DigitClassifier
 
 set_model(DigitClassifier())

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from pipeline.runtime import autocast_dtype
+from pipeline.core.runtime import autocast_dtype
 
 ENV = "INFERENCE_PRECISION"
 PRECISIONS = ("auto", "fp32", "bf16")

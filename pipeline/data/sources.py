@@ -17,63 +17,25 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import DataError
-from pipeline.files import check_writable
+from pipeline.common.errors import DataError
+from pipeline.common.files import check_writable
+from pipeline.data.idx import idx_bytes, md5
 from pipeline.params import OFFICIAL_MD5, DownloadConfig
 
 FILES = tuple(OFFICIAL_MD5)  # train images, train labels, test images, test labels
-IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049  # IDX magic: 0x08 (uint8) then 3 or 1 dimensions
 PACKAGED_MEMBER = "mnist/data/mnist.pkl.gz"
-
-
-def md5(data: bytes) -> str:
-    return hashlib.md5(data).hexdigest()
-
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    """Encode a uint8 array (N,) or (N, H, W) in IDX format, big-endian header."""
-    assert array.dtype == np.uint8 and array.ndim in (1, 3)
-    magic = LABEL_MAGIC if array.ndim == 1 else IMAGE_MAGIC
-    header = np.array([magic, *array.shape], dtype=">i4").tobytes()
-    return header + np.ascontiguousarray(array).tobytes()
-
-
-def check_idx(path: Path, images: bool) -> int:
-    """Check an IDX file's header against its kind and size; return its item count."""
-    kind, magic, ndim = ("images", IMAGE_MAGIC, 3) if images else ("labels", LABEL_MAGIC, 1)
-    size = path.stat().st_size
-    header_size = 4 * (1 + ndim)
-    if size < header_size:
-        raise DataError(f"{path} is truncated: {size} bytes, shorter than an IDX {kind} header")
-    with open(path, "rb") as f:
-        header = np.frombuffer(f.read(header_size), dtype=">i4")
-    if header[0] != magic:
-        other = {IMAGE_MAGIC: "an images file", LABEL_MAGIC: "a labels file"}.get(int(header[0]), "not IDX uint8")
-        raise DataError(f"{path}: IDX magic number {int(header[0])} ({other}), expected {magic} for {kind}")
-    dims = [int(d) for d in header[1:]]
-    if images and dims[1:] != [28, 28]:
-        raise DataError(f"{path}: images are {dims[1]}x{dims[2]}, expected 28x28")
-    expected = header_size + int(np.prod(dims))
-    if size != expected:
-        raise DataError(f"{path}: header says {dims[0]} {kind} ({expected} bytes) but the file has {size} bytes")
-    return dims[0]
-
-
-def read_idx(path: Path, images: bool) -> np.ndarray:
-    """Check an IDX file (check_idx) and decode it: uint8 (N, 28, 28) images or (N,) labels."""
-    n = check_idx(path, images)
-    shape = (n, 28, 28) if images else (n,)
-    # The format is a header and raw uint8: no decoder needed (torchvision's would cost its 1.2 s import).
-    return np.fromfile(path, dtype=np.uint8, offset=4 * (1 + len(shape))).reshape(shape)
 
 
 # A source maps each file name to its uncompressed bytes, or raises.
 Source = Callable[[], dict[str, bytes]]
 
+
 # Bounds on what untrusted bytes may make us hold: the real files are 9.9 MB gzipped at most,
 # 47 MB uncompressed (train images), 20 MB the wheel and 220 MB its unpickled copy.
 MAX_GZ_BYTES = 32 << 20
 MAX_IDX_BYTES = 64 << 20
+
+
 MAX_WHEEL_BYTES = 64 << 20
 MAX_PICKLE_BYTES = 256 << 20
 
@@ -159,6 +121,8 @@ class _DtypeStub(_Stub):
 
 _NDARRAY = object()  # numpy.ndarray, as the first argument of _reconstruct
 PLAIN_DTYPES = {"u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8", "f4", "f8"}  # numbers only: no objects, no records
+
+
 PLAIN_DTYPE_STATE = (None, None, None, -1, -1, 0)  # no subarray, names, fields; default size, alignment, flags
 
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 
-from pipeline.credentials import redact
+from pipeline.common.credentials import redact
 
 
 class PipelineError(Exception):
@@ -72,7 +72,7 @@ def shielded() -> Iterator[None]:
 
 
 def _redacting(factory: Callable[..., logging.LogRecord]) -> Callable[..., logging.LogRecord]:
-    """A log record factory whose records hold no URI credentials (see pipeline.credentials)."""
+    """A log record factory whose records hold no URI credentials (see pipeline.common.credentials)."""
 
     def make(*args, **kwargs) -> logging.LogRecord:
         record = factory(*args, **kwargs)

@@ -21,8 +21,8 @@ from mlflow.entities import LoggedModelInput
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from pipeline import tracking
-from pipeline.errors import PipelineError
+from pipeline.common.errors import PipelineError
+from pipeline.tracking import datasets, runs, store
 
 
 @contextmanager
@@ -31,21 +31,21 @@ def evaluation_run(info: dict[str, Any]) -> Iterator[mlflow.ActiveRun]:
     of that run; under `mlflow run` (MLFLOW_RUN_ID), log into that run instead. Ends FINISHED,
     KILLED or FAILED; the training run is not touched."""
     # No URI in the file: train used the repository's own store (see save_run_file).
-    tracking.connect(None if "MLFLOW_TRACKING_URI" in os.environ else info.get("tracking_uri"))
+    store.connect(None if "MLFLOW_TRACKING_URI" in os.environ else info.get("tracking_uri"))
     model_run_id = info["run_id"]
     try:
         if run_id := os.environ.get("MLFLOW_RUN_ID"):
             active = mlflow.start_run(run_id=run_id)
         else:
             model_run = MlflowClient().get_run(model_run_id)
-            tags = {MLFLOW_PARENT_RUN_ID: model_run_id, "model_run_id": model_run_id, **tracking.dvc_tags()}
+            tags = {MLFLOW_PARENT_RUN_ID: model_run_id, "model_run_id": model_run_id, **runs.dvc_tags()}
             name = f"{model_run.info.run_name}-eval"
             active = mlflow.start_run(experiment_id=model_run.info.experiment_id, run_name=name, tags=tags)
     except MlflowException as e:
         raise PipelineError(
             f"cannot start the evaluation of MLflow run {model_run_id} at {mlflow.get_tracking_uri()}: {e.message}"
         ) from e
-    with tracking._ending(active) as run:
+    with runs._ending(active) as run:
         if run.info.run_id != model_run_id and not run.data.tags.get("model_run_id"):
             mlflow.set_tag("model_run_id", model_run_id)  # `mlflow run`'s run, the model from another
         yield run
@@ -53,10 +53,10 @@ def evaluation_run(info: dict[str, Any]) -> Iterator[mlflow.ActiveRun]:
 
 def log_linked(metrics: dict[str, float], model_run_id: str, test_set: Dataset) -> None:
     """Log the test set as an input of the active run, linked to each model `model_run_id` logged,
-    and `metrics` on those models for that dataset (tracking.log_model_metrics)."""
+    and `metrics` on those models for that dataset (datasets.log_model_metrics)."""
     run = mlflow.active_run()
     models = MlflowClient().search_logged_models(
         experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{model_run_id}'"
     )
     MlflowClient().log_inputs(run.info.run_id, models=[LoggedModelInput(m.model_id) for m in models])
-    tracking.log_model_metrics(metrics, model_run_id, test_set)
+    datasets.log_model_metrics(metrics, model_run_id, test_set)

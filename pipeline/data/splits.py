@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.errors import DataError
-from pipeline.files import save_torch
+from pipeline.common.errors import DataError
+from pipeline.common.files import save_torch
 
 IMAGE_SIZE = 28  # MNIST images are 28x28, one channel
 NUM_CLASSES = 10

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from pipeline.errors import ParamsError, PipelineError, Terminated
+from pipeline.common.errors import ParamsError, PipelineError, Terminated
 
 RDZV_WAIT = 60.0  # seconds a machine of node rank > 0 waits for node 0's rendezvous endpoint
 

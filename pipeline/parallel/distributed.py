@@ -1,5 +1,5 @@
 """Data-parallel training inside torchrun's processes: the process group, each rank's share of a
-batch, BatchNorm over the global batch, DDP. Imports torch only (the launcher: pipeline.launch)."""
+batch, BatchNorm over the global batch, DDP. Imports torch only (the launcher: pipeline.parallel.launch)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.errors import ParamsError, PipelineError
+from pipeline.common.errors import ParamsError, PipelineError
 
 
 @dataclass(frozen=True)
