@@ -134,24 +134,14 @@ def evaluations_of(client, run_id: str) -> list:
 
 def copy_repo(dest: Path) -> Path:
     """Copy the tracked parts of the repo (no data, no venv) to `dest`."""
-    ignore = shutil.ignore_patterns(
-        ".venv",
-        ".git",
-        "data",
-        "models",
-        "reports",
-        "mlflow.db",
-        "mlartifacts",
-        "dvc.lock",  # the committed lock of the real data: the copy builds its own
-        "dvc_plots",
-        "bench",
-        ".cache",
-        "__pycache__",
-        ".pytest_cache",
-        ".ruff_cache",
-        "tmp",
-        "cache",
-    )
+    # The repo's own outputs and caches, at its root only: pipeline/data/ is code.
+    at_root = {"data", "models", "reports", "mlflow.db", "mlartifacts", "dvc_plots", "bench", "tmp", "cache"}
+    at_root.add("dvc.lock")  # the committed lock of the real data: the copy builds its own
+    anywhere = shutil.ignore_patterns(".venv", ".git", ".cache", "__pycache__", ".pytest_cache", ".ruff_cache")
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        return set(anywhere(folder, names)) | (at_root & set(names) if Path(folder) == REPO else set())
+
     shutil.copytree(REPO, dest, ignore=ignore)
     return dest
 
