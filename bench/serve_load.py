@@ -339,7 +339,7 @@ def main() -> None:
             servers[f"before: {args.baseline}, --workers 1"] = stack.enter_context(serve(args.baseline, log)), log
         idle = {name: round(server.rss_mb()) for name, (server, _) in servers.items()}
         inference = {  # what each worker said it runs (pipeline.serving.pyfunc's line in the server's log)
-            name: sorted(set(re.findall(r"pipeline\.serving: (.*)", log.read_text())))
+            name: sorted(set(re.findall(r"pipeline\.serving\.pyfunc: (.*)", log.read_text())))
             for name, (_, log) in servers.items()
         }
         for r in range(args.rounds):

@@ -160,7 +160,7 @@ def server(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 @pytest.mark.slow
 def test_each_worker_runs_its_share_of_the_cores_in_the_fast_layout(server) -> None:
-    said = set(re.findall(r"pipeline\.serving: (.*)", server.log.read_text()))  # one line per worker, alike
+    said = set(re.findall(r"pipeline\.serving\.pyfunc: (.*)", server.log.read_text()))  # one line per worker, alike
     precision = "bf16 autocast" if cpu_has_native_bf16() else "fp32"
     threads, cores = max(1, pyfunc.cores() // 2), pyfunc.cores()
     assert said == {
