@@ -37,7 +37,7 @@ from pipeline.params import ModelConfig, TrainConfig
 SPLITS = ("train", "val", "test")
 PACKED = Path(".cache/gpu_data")
 CPU_RESULT = Path("reports/metrics.json")  # the committed default run, trained on the CPU
-TOLERANCE_POINTS = 0.5  # README, "What is deterministic": CPU vs CUDA test accuracy
+TOLERANCE_POINTS = 0.5  # docs/running-anywhere.md, "What is deterministic": CPU vs CUDA test accuracy
 TUTORIAL = (ModelConfig(), TrainConfig())  # params.yaml's defaults: 10 epochs, batch 64
 FAST = (
     ModelConfig(arch="fast", nf=16),

@@ -26,7 +26,7 @@ BOX = 20  # MNIST scaled each digit's bounding box to fit 20x20, keeping its asp
 NOISE = 32  # ink below this (of 255, after contrast stretch) is paper texture or JPEG noise
 MIN_CONTRAST = 24  # darkest-to-brightest spread below this: no digit to see
 MAX_SIDE = 1024  # bigger pictures are shrunk to this many pixels on their longer side before normalising
-# The formats the README lists, and only those: Pillow knows dozens more (EPS goes to Ghostscript
+# The formats docs/using-the-model.md lists, and only those: Pillow knows dozens more (EPS goes to Ghostscript
 # where it is installed), each a decoder that any file named .png could reach.
 FORMATS = ("PNG", "JPEG", "GIF")
 NOT_AN_IMAGE = "not a PNG, JPEG or GIF image"

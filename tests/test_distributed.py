@@ -24,7 +24,7 @@ from pipeline.params import ModelConfig, TrainConfig
 from .conftest import run_main, set_params, synthetic_digits, train_until_checkpoint
 
 # Per-epoch losses of 2 ranks vs 1 process on this tiny task: the same math, so only float
-# rounding differs (measured: about 1e-7 relative; the real data's figure is in the README).
+# rounding differs (measured: about 1e-7 relative; the real data's figure: docs/distributed.md).
 TINY_TOLERANCE = 1e-4
 CFG = TrainConfig(epochs=3, batch_size=32, lr=2e-3, seed=3, device="cpu", precision="fp32")
 

@@ -165,7 +165,7 @@ def test_a_queued_sweep_runs_in_parallel_each_experiment_one_named_run_in_the_re
     """A 2-point grid with `dvc exp run --queue -S a,b` run by 2 workers on the embedded SQLite store."""
     out = sh(repo, "dvc", "exp", "run", "--queue", "-S", "mlflow.sweep=grid", "-S", "train.lr=0.002,0.004")
     assert out.count("Queued experiment") == 2
-    start_queue(repo, 2, OMP_NUM_THREADS="1")  # the README's command: the cores divided between 2 workers
+    start_queue(repo, 2, OMP_NUM_THREADS="1")  # docs/experiments.md's command: the cores divided between 2 workers
     status = wait_for_queue(repo)
     assert status.count("Success") >= 2 and "Failed" not in status, status
 

@@ -132,7 +132,7 @@ def test_classifier_pyfunc_answers_digit_and_probabilities(in_trained) -> None:
 def test_the_fast_path_predicts_as_fp32(in_trained, monkeypatch) -> None:
     """channels_last and bf16 autocast (forced: `auto` takes it only where bf16 is native) against the
     fp32 network in the default layout, as served before: >= 99.9% equal predictions, accuracy within
-    0.05 points. On the real MNIST test set: README, "Serve it"."""
+    0.05 points. On the real MNIST test set: docs/using-the-model.md, "Serve it"."""
     images, labels = load_split(in_trained / "data/processed/test.pt")
     reference = prepare(load_checkpoint(in_trained / "models/model.pt"), "fp32", channels_last=False)
     expected = reference.probabilities(images).argmax(1)
@@ -230,7 +230,7 @@ def test_load_8_clients_no_errors_and_flat_memory(server, in_trained) -> None:
 
 JSON = "application/json"
 # MLflow's scoring server answers 500 to these before any code of ours runs (mlflow 3.17,
-# mlflow/pyfunc/scoring_server/__init__.py); the README says why. Any other status fails the test,
+# mlflow/pyfunc/scoring_server/__init__.py); docs/troubleshooting.md says why. Any other status fails the test,
 # so an MLflow upgrade that fixes them is noticed.
 MLFLOW_500 = {"no content type", "JSON nested 1100 deep", "JSON nested 100000 deep", "integer of 5000 digits"}
 
@@ -385,6 +385,6 @@ def test_malformed_requests_get_4xx_with_a_message_and_the_server_stays_up(serve
     status, body = post(server, {"inputs": images.tolist()})  # still serving
     assert status == 200 and len(body["predictions"]) == 4
 
-    # Not refused, as the README says: numpy reads JSON true/false among numbers as 1/0 before our code runs.
+    # Not refused (docs/troubleshooting.md): numpy reads JSON true/false among numbers as 1/0 before our code runs.
     answers = [serve_load.request(server, f'{{"inputs": [[{"0, " * 783}{last}]]}}'.encode()) for last in ("true", "1")]
     assert answers[0][0] == 200 and answers[0] == answers[1]

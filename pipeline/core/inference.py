@@ -49,7 +49,7 @@ class Inference:
 def prepare(net: torch.nn.Module, precision: str | None = None, channels_last: bool = True) -> Inference:
     """`net` in eval mode, with the layout and precision to run it in; precision None: $INFERENCE_PRECISION or auto."""
     # channels_last always: on the 2-core development CPU the network took 1.4x less time for a batch
-    # of 1, 1.6-2.9x less for 64 and 1.9x less for 256 than in the default layout (README, "Serve it").
+    # of 1, 1.6-2.9x less for 64 and 1.9x less for 256 than in the default layout (docs/performance.md).
     device = next(net.parameters()).device
     net = net.eval()
     if channels_last:
