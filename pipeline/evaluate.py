@@ -7,16 +7,18 @@ import logging
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure  # the object API: files only, no display backend needed
 from torch.nn import functional as F
 
-from pipeline.common.errors import run_stage
+from pipeline.common.errors import DataError, run_stage
 from pipeline.common.files import atomic_path, check_writable, write_json
 from pipeline.core.engine import predict
-from pipeline.core.model import load_checkpoint
+from pipeline.core.model import load_checkpoint, load_classes
 from pipeline.core.runtime import pick_device
+from pipeline.data.datasets import read_info
 from pipeline.data.splits import IMAGE_SIZE, NUM_CLASSES, load_split
 from pipeline.params import EvaluateConfig, ModelConfig, RegisterConfig, load_section
 from pipeline.serving import registry
@@ -31,8 +33,8 @@ def confusion(labels: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
     return torch.bincount(labels * NUM_CLASSES + predicted, minlength=NUM_CLASSES**2).view(NUM_CLASSES, -1)
 
 
-def per_class(matrix: torch.Tensor) -> pd.DataFrame:
-    """Precision, recall, F1 and support of each class from a confusion matrix."""
+def per_class(matrix: torch.Tensor, classes: tuple[str, ...]) -> pd.DataFrame:
+    """Precision, recall, F1 and support of each class (by name) from a confusion matrix."""
     m = matrix.double()
     tp = m.diag()
     precision = tp / m.sum(0).clamp(min=1)
@@ -40,7 +42,7 @@ def per_class(matrix: torch.Tensor) -> pd.DataFrame:
     f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
     return pd.DataFrame(
         {
-            "class": range(NUM_CLASSES),
+            "class": classes,
             "precision": precision.numpy(),
             "recall": recall.numpy(),
             "f1": f1.numpy(),
@@ -49,7 +51,12 @@ def per_class(matrix: torch.Tensor) -> pd.DataFrame:
     )
 
 
-def plot_confusion(matrix: torch.Tensor, path: Path) -> None:
+def long_names(classes: tuple[str, ...]) -> bool:
+    """Names longer than MNIST's digits: the plots tilt or wrap them."""
+    return max(map(len, classes)) > 2
+
+
+def confusion_figure(matrix: torch.Tensor, classes: tuple[str, ...]) -> Figure:
     fig = Figure(figsize=(7, 6))
     ax = fig.subplots()
     im = ax.imshow(matrix.numpy(), cmap="Blues")
@@ -58,31 +65,39 @@ def plot_confusion(matrix: torch.Tensor, path: Path) -> None:
     ):
         color = "white" if count > matrix.max().item() / 2 else "black"
         ax.text(j, i, str(count), ha="center", va="center", fontsize=8, color=color)
-    ax.set(xlabel="predicted", ylabel="true", xticks=range(10), yticks=range(10), title="Confusion matrix (test)")
+    ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix (test)")
+    tilt = {"rotation": 45, "ha": "right", "rotation_mode": "anchor"} if long_names(classes) else {}
+    ax.set_xticks(range(NUM_CLASSES), classes, **tilt)
+    ax.set_yticks(range(NUM_CLASSES), classes)
     fig.colorbar(im, ax=ax)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    return fig
 
 
-def plot_misclassified(
-    images: torch.Tensor, labels: torch.Tensor, predicted: torch.Tensor, path: Path, n: int = 36
-) -> None:
-    """The first `n` misclassified test digits, 6 a row, each captioned with true and predicted class."""
+def misclassified_figure(
+    images: torch.Tensor, labels: torch.Tensor, predicted: torch.Tensor, classes: tuple[str, ...], n: int = 36
+) -> Figure:
+    """The first `n` misclassified test images, 6 a row, each captioned with true and predicted class."""
     wrong = (predicted != labels).nonzero().flatten()[:n]
-    cols, side, gap = 6, IMAGE_SIZE, 12  # the gap below each digit holds its caption
+    lines = 2 if long_names(classes) else 1  # long names: true and predicted on lines of their own
+    cols, side, gap = 6, IMAGE_SIZE, 12 * lines  # the gap below each image holds its caption
     rows = max(1, -(-len(wrong) // cols))
-    # One image of all digits on one axes: 36 axes of one digit each took ~5x as long to draw.
+    # One image of all of them on one axes: 36 axes of one image each took ~5x as long to draw.
     mosaic = torch.full((rows * (side + gap), cols * (side + 4)), 255, dtype=torch.uint8)  # (H, W) white
-    fig = Figure(figsize=(cols * 1.4, rows * 1.6))
+    fig = Figure(figsize=(cols * 1.4 * lines, rows * 1.6 * lines))
     ax = fig.subplots()
     for k, i in enumerate(wrong.tolist()):
         top, left = (k // cols) * (side + gap), (k % cols) * (side + 4) + 2
         mosaic[top : top + side, left : left + side] = images[i, 0]
-        caption = f"true {labels[i].item()} / pred {predicted[i].item()}"
+        true, pred = classes[labels[i]], classes[predicted[i]]
+        caption = f"true {true}\npred {pred}" if lines == 2 else f"true {true} / pred {pred}"
         ax.text(left + side / 2, top + side + gap / 2, caption, ha="center", va="center", fontsize=7)
     ax.imshow(mosaic.numpy(), cmap="gray", vmin=0, vmax=255)
     ax.axis("off")
-    ax.set_title(f"{int((predicted != labels).sum())} misclassified test digits (first {len(wrong)})")
+    ax.set_title(f"{int((predicted != labels).sum())} misclassified test images (first {len(wrong)})")
+    return fig
+
+
+def save_png(fig: Figure, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
 
@@ -100,7 +115,11 @@ def main() -> None:
     device = pick_device(cfg.device, "evaluate.device")
     check_writable(args.out)
     images, labels = load_split(args.data / "test.pt")
+    dataset = read_info(args.data, "preprocess")
     model = load_checkpoint(args.models / "model.pt", expected=model_cfg).to(device)
+    classes = load_classes(args.models / "model.pt")
+    if classes != dataset.classes:
+        raise DataError(f"{args.models / 'model.pt'} was trained on other classes than {dataset.name}'s; re-run train")
 
     info = runs.read_run_file(args.models / "mlflow_run.json")
     with evaluation_run(info):  # a run of its own, under the training run
@@ -111,7 +130,7 @@ def main() -> None:
             "test_accuracy": (predicted == labels).float().mean().item(),
         }
         matrix = confusion(labels, predicted)
-        table = per_class(matrix)
+        table = per_class(matrix, classes)
         metrics["test_macro_f1"] = float(table["f1"].mean())
         log.info("test accuracy %.4f, loss %.4f", metrics["test_accuracy"], metrics["test_loss"])
 
@@ -119,13 +138,16 @@ def main() -> None:
         with atomic_path(args.out / "per_class.csv") as tmp:
             table.to_csv(tmp, index=False, float_format="%.6f")
         with atomic_path(args.out / "predictions.csv") as tmp:
-            pd.DataFrame({"actual": labels.numpy(), "predicted": predicted.numpy()}).to_csv(tmp, index=False)
-        plot_confusion(matrix, args.out / "confusion_matrix.png")
-        plot_misclassified(images, labels, predicted, args.out / "misclassified.png")
+            names = np.array(classes, dtype=object)  # class names: `dvc plots` labels the confusion matrix with them
+            table_of = {"actual": names[labels.numpy()], "predicted": names[predicted.numpy()]}
+            pd.DataFrame(table_of).to_csv(tmp, index=False)
+        save_png(confusion_figure(matrix, classes), args.out / "confusion_matrix.png")
+        save_png(misclassified_figure(images, labels, predicted, classes), args.out / "misclassified.png")
         write_json(args.out / "metrics.json", metrics)
 
         mlflow.log_params(provenance.flat_params(evaluate=cfg, register=register_cfg))
-        test_set = datasets.log_dataset(images, labels, str(args.data / "test.pt"), "mnist-test", "evaluation")
+        source, name = str(args.data / "test.pt"), f"{dataset.name}-test"
+        test_set = datasets.log_dataset(images, labels, source, name, "evaluation")
         log_linked(metrics, info["run_id"], test_set)
         for name in ("metrics.json", "per_class.csv", "confusion_matrix.png", "misclassified.png"):
             mlflow.log_artifact(str(args.out / name), artifact_path="evaluation")

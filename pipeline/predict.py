@@ -1,4 +1,4 @@
-"""Predict the digit in image files: python -m pipeline.predict IMAGE... [--model PATH_OR_URI] [--json]."""
+"""Predict the class of image files: python -m pipeline.predict IMAGE... [--model PATH_OR_URI] [--json]."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.common.errors import DataError, PipelineError, run_stage
 from pipeline.core.inference import prepare
-from pipeline.core.model import load_checkpoint
+from pipeline.core.model import DIGITS, load_checkpoint, load_classes
 from pipeline.data.splits import IMAGE_SIZE
 
 log = logging.getLogger("pipeline.predict")
@@ -112,8 +112,9 @@ def to_mnist(gray: np.ndarray) -> np.ndarray:
     return out
 
 
-def load_predictor(spec: str) -> Predictor:
-    """A checkpoint path (models/model.pt) or an MLflow model URI, as images -> probabilities."""
+def load_predictor(spec: str) -> tuple[Predictor, tuple[str, ...]]:
+    """A checkpoint path (models/model.pt) or an MLflow model URI, as images -> probabilities, and
+    its class names."""
     if URI.match(spec):
         import mlflow  # only here: it takes seconds to import
 
@@ -121,19 +122,21 @@ def load_predictor(spec: str) -> Predictor:
             model = mlflow.pyfunc.load_model(spec)
         except mlflow.exceptions.MlflowException as e:
             raise PipelineError(f"cannot load MLflow model {spec}: {e.message}") from e
+        # train logs both models with their class names; models logged before then were MNIST's.
+        classes = tuple((model.metadata.metadata or {}).get("classes", DIGITS))
 
         def predict(images: np.ndarray) -> np.ndarray:
             out = model.predict(images[:, None].astype(np.float32))  # both logged models take (N, 1, 28, 28)
-            if hasattr(out, "columns"):  # the `classifier` serving model: digit + prob_0..prob_9
+            if hasattr(out, "columns"):  # the `classifier` serving model: digit, prob_0..prob_9, class
                 return out[[f"prob_{k}" for k in range(10)]].to_numpy()
             return torch.softmax(torch.as_tensor(np.asarray(out)), dim=1).numpy()  # `model`: logits
 
-        return predict
+        return predict, classes
     path = Path(spec)
     if not path.is_file():
         raise DataError(f"{path} not found; run `dvc repro` first, or pass --model with an MLflow model URI")
     try:
-        net = load_checkpoint(path)
+        net, classes = load_checkpoint(path), load_classes(path)
     except Exception as e:
         raise DataError(f"{path} is not a model checkpoint ({type(e).__name__}: {e})") from e
     inference = prepare(net)  # as the served model: channels_last, bf16 where native ($INFERENCE_PRECISION)
@@ -142,11 +145,12 @@ def load_predictor(spec: str) -> Predictor:
     def predict(images: np.ndarray) -> np.ndarray:
         return inference.probabilities(torch.from_numpy(images[:, None])).numpy()  # (N, 10)
 
-    return predict
+    return predict, classes
 
 
-def predict_files(paths: list[Path], predictor: Predictor) -> list[dict]:
-    """One result per file, in order: {file, digit, probability, probabilities} or {file, error}."""
+def predict_files(paths: list[Path], predictor: Predictor, classes: tuple[str, ...] = DIGITS) -> list[dict]:
+    """One result per file, in order: {file, digit, class, probability, probabilities} or {file, error};
+    `digit` is the class index (MNIST's digit), `class` its name."""
     results: list[dict] = [{"file": str(p)} for p in paths]
     images, done = [], []
     for result, path in zip(results, paths, strict=True):
@@ -158,8 +162,8 @@ def predict_files(paths: list[Path], predictor: Predictor) -> list[dict]:
     if images:
         probs = predictor(np.stack(images))  # (N, 10)
         for result, p in zip(done, probs, strict=True):
-            digit = int(p.argmax())
-            result.update(digit=digit, probability=float(p[digit]), probabilities=p.tolist())
+            k = int(p.argmax())
+            result.update({"digit": k, "class": classes[k], "probability": float(p[k]), "probabilities": p.tolist()})
     return results
 
 
@@ -170,12 +174,12 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON list of results")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    results = predict_files(args.images, load_predictor(args.model))
+    results = predict_files(args.images, *load_predictor(args.model))
     for r in results:
         if "error" in r:
             print(f"error: {r['file']}: {r['error']}", file=sys.stderr)
         elif not args.json:
-            print(f"{r['file']}: {r['digit']} ({r['probability']:.3f})")
+            print(f"{r['file']}: {r['class']} ({r['probability']:.3f})")
     if args.json:
         print(json.dumps(results, indent=2))
     if any("error" in r for r in results):

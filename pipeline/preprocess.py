@@ -1,4 +1,5 @@
-"""Stage 2: decode the IDX files, split a seeded validation set off, save compact tensors."""
+"""Stage 2: decode the IDX files, split a seeded validation set off, save compact tensors (and
+dataset.json, the dataset's name and class names, for the stages after)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 from pipeline.common.errors import DataError, ParamsError, run_stage
 from pipeline.common.files import check_writable
+from pipeline.data.datasets import read_info, write_info
 from pipeline.data.idx import read_idx
 from pipeline.data.splits import NUM_CLASSES, save_split
 from pipeline.params import PreprocessConfig, load_section
@@ -17,9 +19,8 @@ from pipeline.params import PreprocessConfig, load_section
 log = logging.getLogger("pipeline.preprocess")
 
 
-def read_pair(raw: Path, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+def read_pair(images_file: Path, labels_file: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode one images/labels pair: uint8 (N, 28, 28) and int64 (N,)."""
-    images_file, labels_file = raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"
     for path in (images_file, labels_file):
         if not path.is_file():
             raise DataError(f"{path} not found; run the download stage first")
@@ -48,13 +49,19 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     cfg = load_section("preprocess", PreprocessConfig)
     check_writable(args.out)
-    images, labels = read_pair(args.raw, "train")
-    test_images, test_labels = read_pair(args.raw, "t10k")
+    info = read_info(args.raw, "download")
+    if len(info.classes) != NUM_CLASSES:  # the networks' output layer
+        raise DataError(f"{args.raw}: {info.name} has {len(info.classes)} classes; the networks predict {NUM_CLASSES}")
+    files = [args.raw / name for name in info.files]  # train images, train labels, test images, test labels
+    images, labels = read_pair(*files[:2])
+    test_images, test_labels = read_pair(*files[2:])
     train_idx, val_idx = split(len(images), cfg.val_size, cfg.seed)
     save_split(args.out / "train.pt", images[train_idx], labels[train_idx], train_idx)
     save_split(args.out / "val.pt", images[val_idx], labels[val_idx], val_idx)
     save_split(args.out / "test.pt", test_images, test_labels, torch.arange(len(test_images)))
-    log.info("train %d, val %d, test %d images -> %s", len(train_idx), len(val_idx), len(test_images), args.out)
+    write_info(args.out, info)
+    sizes = len(train_idx), len(val_idx), len(test_images)
+    log.info("%s: train %d, val %d, test %d images -> %s", info.name, *sizes, args.out)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pipeline.common.errors import ParamsError, run_stage, shielded
 from pipeline.common.files import atomic_path, check_writable, save_torch
 from pipeline.core.engine import TrainingDiverged, build, fit  # noqa: F401 (TrainingDiverged: train's error
 from pipeline.core.runtime import autocast_dtype, device_tags, pick_device, release_memory, tune_malloc
+from pipeline.data.datasets import read_info
 from pipeline.data.splits import load_split
 from pipeline.parallel import distributed, launch
 from pipeline.parallel.distributed import World
@@ -156,6 +157,7 @@ def write(
     store.connect()  # the repository's store, or a server that fails now if dead, before any work
     train_x, train_y = load_split(args.data / "train.pt")
     val_x, val_y = load_split(args.data / "val.pt")
+    dataset = read_info(args.data, "preprocess")
     with open(args.data / "train.pt", "rb") as f:
         data_md5 = hashlib.file_digest(f, "md5").hexdigest()  # streamed: no second copy in memory
     expected = fingerprint(model_cfg, cfg, data_md5)
@@ -169,7 +171,7 @@ def write(
         log.info("MLflow run %s at %s; device %s", run.info.run_id, mlflow.get_tracking_uri(), device)
         if resume is None:
             mlflow.log_params(provenance.flat_params(model=model_cfg, train=cfg))
-            datasets.log_dataset(train_x, train_y, str(args.data / "train.pt"), "mnist-train", "training")
+            datasets.log_dataset(train_x, train_y, str(args.data / "train.pt"), f"{dataset.name}-train", "training")
         precision = "bf16" if autocast_dtype(cfg.precision, device) else "fp32"
         tags = {**device_tags(device), "precision": precision, "data.train_md5": data_md5}
         tags |= {"world_size": str(world.size), "backend": world.backend}
@@ -205,12 +207,13 @@ def write(
             pd.DataFrame(history).to_csv(tmp, index=False)
         with server.answering(f"{args.checkpoint} keeps the trained weights: run again to log them"):
             mlflow.log_artifact(str(args.out / "history.csv"))
-            publish.log_model(model, example=val_x[:4], model_cfg=model_cfg, step=cfg.epochs)
+            publish.log_model(model, example=val_x[:4], model_cfg=model_cfg, step=cfg.epochs, classes=dataset.classes)
         checkpoint = {
             "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
             "model": dataclasses.asdict(model_cfg),
             "train": dataclasses.asdict(cfg),
             "history": history,
+            "classes": list(dataset.classes),  # what predict and the served model answer
         }
         save_torch(args.out / "model.pt", checkpoint)
         runs.save_run_file(args.out / "mlflow_run.json", run)

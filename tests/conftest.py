@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import yaml
 
+from pipeline.data.datasets import IDX_FILES as FILES
 from pipeline.data.idx import idx_bytes, md5
-from pipeline.data.sources import FILES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,9 +43,8 @@ def tiny_params(source_dir: Path) -> dict:
     """The repo's params.yaml shrunk: local synthetic source, a few epochs, CPU."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     files = synthetic_files()
-    params["download"].update(
-        source_dir=str(source_dir), mirrors=[], package="", checksums={k: md5(v) for k, v in files.items()}
-    )
+    # Own checksums: the synthetic files are the only source tried (no mirror, no wheel, no network).
+    params["download"].update(source_dir=str(source_dir), checksums={k: md5(v) for k, v in files.items()})
     params["preprocess"]["val_size"] = 100
     params["train"].update(epochs=2, batch_size=32, lr=0.002, device="cpu")
     params["model"]["nf"] = 8
@@ -66,6 +65,25 @@ def raw_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def mirror(tmp_path):
+    """A plain-HTTP mirror on localhost serving the files of `tmp_path / "www"`."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    (tmp_path / "www").mkdir()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path / "www")))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield tmp_path / "www", f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
 def workdir(tmp_path: Path, raw_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A working directory with tiny params.yaml and its own MLflow store; the cwd of the test."""
     work = tmp_path / "work"
@@ -79,21 +97,22 @@ def workdir(tmp_path: Path, raw_dir: Path, monkeypatch: pytest.MonkeyPatch) -> P
     return work
 
 
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """All four stages run once, in-process, on synthetic data: a work dir with models/, reports/
-    and mlflow.db (run, logged models, registered `mnist-cnn@champion`). Shared: do not modify."""
-    from pipeline import download, evaluate, preprocess, train
+def run_all_stages(root: Path, **download: object) -> Path:
+    """The four stages, in-process, on synthetic data in root/source (download section updated with
+    `download`): a work dir root/work with data/, models/, reports/ and its own mlflow.db."""
+    from pipeline import download as download_stage
+    from pipeline import evaluate, preprocess, train
 
-    root = tmp_path_factory.mktemp("trained")
     source, work = root / "source", root / "work"
     source.mkdir()
     work.mkdir()
     for name, data in synthetic_files().items():
         (source / name).write_bytes(data)
-    (work / "params.yaml").write_text(yaml.safe_dump(tiny_params(source), sort_keys=False))
+    params = tiny_params(source)
+    params["download"].update(download)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     stages = [
-        (download, ["--out", "data/raw"]),
+        (download_stage, ["--out", "data/raw"]),
         (preprocess, ["--raw", "data/raw", "--out", "data/processed"]),
         (train, ["--data", "data/processed", "--out", "models"]),
         (evaluate, ["--data", "data/processed", "--models", "models", "--out", "reports"]),
@@ -110,6 +129,20 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
             mp.setattr("sys.argv", [module.__name__, *argv])
             module.main()
     return work
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """All four stages run once, in-process, on synthetic data: a work dir with models/, reports/
+    and mlflow.db (run, logged models, registered `mnist-cnn@champion`). Shared: do not modify."""
+    return run_all_stages(tmp_path_factory.mktemp("trained"))
+
+
+@pytest.fixture(scope="session")
+def trained_fashion(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """As `trained`, with `download.dataset: fashion-mnist` (the synthetic files under its class
+    names). Shared: do not modify."""
+    return run_all_stages(tmp_path_factory.mktemp("trained_fashion"), dataset="fashion-mnist")
 
 
 @pytest.fixture

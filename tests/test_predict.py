@@ -121,7 +121,8 @@ def test_cli_predicts_good_files_and_reports_each_bad_one(in_trained, images, mo
     assert f"error: {files[0]}: empty file" in err and err.count("error: ") == 3
 
     # What the CLI printed is the checkpoint's own answer on the normalised image.
-    net = predict.load_predictor("models/model.pt")
+    net, classes = predict.load_predictor("models/model.pt")
+    assert classes == tuple("0123456789") and ok["class"] == str(ok["digit"])
     probs = net(to_mnist(load_image(images["dark_on_light"]))[None])[0]
     assert np.allclose(probs, ok["probabilities"], atol=1e-5)
 
@@ -133,10 +134,10 @@ def test_mlflow_uris_give_the_checkpoint_s_answers(in_trained, images) -> None:
 
     paths = [images["dark_on_light"], images["light_on_dark"]]
     sources = ["models/model.pt", f"runs:/{run_id_of(in_trained)}/model", "models:/mnist-cnn@champion"]
-    results = [predict.predict_files(paths, predict.load_predictor(s)) for s in sources]
+    results = [predict.predict_files(paths, *predict.load_predictor(s)) for s in sources]
     for other in results[1:]:
         for a, b in zip(results[0], other, strict=True):
-            assert a["digit"] == b["digit"]
+            assert a["digit"] == b["digit"] and a["class"] == b["class"]
             assert np.allclose(a["probabilities"], b["probabilities"], atol=1e-5)
 
 

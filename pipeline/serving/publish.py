@@ -15,7 +15,7 @@ from mlflow.models import ModelSignature, infer_signature
 from mlflow.types import ColSpec, Schema
 
 from pipeline.params import ModelConfig
-from pipeline.serving.pyfunc import ARTIFACT, COLUMNS
+from pipeline.serving.pyfunc import ARTIFACT, PROBABILITIES
 
 
 def pins(*distributions: str) -> list[str]:
@@ -25,21 +25,22 @@ def pins(*distributions: str) -> list[str]:
     return [f"{name}=={version(name).split('+')[0]}" for name in distributions]
 
 
-def log_classifier(model: torch.nn.Module, model_cfg: ModelConfig, example: np.ndarray, step: int = 0) -> None:
+def log_classifier(
+    model: torch.nn.Module, model_cfg: ModelConfig, example: np.ndarray, classes: tuple[str, ...], step: int = 0
+) -> None:
     """Log the serving model `classifier` of the active run: weights + this code, no pickle."""
     # Models from code (pyfunc_code.py) with a weights-only checkpoint and the pipeline package
     # as code: loading runs our Net, so any batch size works, and neither the wrapper nor the
     # weights need pickle deserialization (the reason `model` is logged as pt2).
     # The signature names the outputs only: the inputs take several shapes and dtypes (see
     # to_batch), which one MLflow tensor spec cannot express, so to_batch enforces them.
-    signature = ModelSignature(
-        inputs=None, outputs=Schema([ColSpec("long", "digit"), *(ColSpec("float", c) for c in COLUMNS[1:])])
-    )
+    outputs = [ColSpec("long", "digit"), *(ColSpec("float", c) for c in PROBABILITIES), ColSpec("string", "class")]
+    signature = ModelSignature(inputs=None, outputs=Schema(outputs))
     here = Path(__file__).parent  # pipeline/serving; the whole pipeline package travels as code
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(tmp) / "model.pt"
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        torch.save({"state_dict": state, "model": dataclasses.asdict(model_cfg)}, checkpoint)
+        torch.save({"state_dict": state, "model": dataclasses.asdict(model_cfg), "classes": list(classes)}, checkpoint)
         mlflow.pyfunc.log_model(
             name=ARTIFACT,
             python_model=str(here / "pyfunc_code.py"),
@@ -48,13 +49,17 @@ def log_classifier(model: torch.nn.Module, model_cfg: ModelConfig, example: np.n
             signature=signature,
             input_example=example,
             pip_requirements=pins("torch", "numpy", "pandas", "pyyaml"),  # what pipeline/ imports
+            metadata={"classes": list(classes)},
             step=step,
         )
 
 
-def log_model(model: torch.nn.Module, example: torch.Tensor, model_cfg: ModelConfig, step: int) -> None:
-    """Log the network as `model` (pytorch flavor, logits) and `classifier` (serving, digit + probabilities)
-    at `step`, the last epoch: MLflow links the run's metrics of that step to both (the Models tab)."""
+def log_model(
+    model: torch.nn.Module, example: torch.Tensor, model_cfg: ModelConfig, step: int, classes: tuple[str, ...]
+) -> None:
+    """Log the network as `model` (pytorch flavor, logits) and `classifier` (serving: class index, name
+    and probabilities) at `step`, the last epoch: MLflow links the run's metrics of that step to both
+    (the Models tab). Both carry the class names in their MLmodel metadata."""
     # A CPU copy in the default memory layout: training may run on CUDA and in channels_last.
     cpu_model = copy.deepcopy(model).to(device="cpu", memory_format=torch.contiguous_format).eval()
     x = example.float().numpy()  # (B, 1, 28, 28) raw pixels, B >= 2
@@ -71,6 +76,7 @@ def log_model(model: torch.nn.Module, example: torch.Tensor, model_cfg: ModelCon
         signature=infer_signature(x, y),
         input_example=x,
         pip_requirements=pins("torch", "numpy"),
+        metadata={"classes": list(classes)},
         step=step,
     )
-    log_classifier(cpu_model, model_cfg, example=example[:, 0].numpy(), step=step)  # uint8 (B, 28, 28)
+    log_classifier(cpu_model, model_cfg, example=example[:, 0].numpy(), classes=classes, step=step)  # uint8 (B, 28, 28)

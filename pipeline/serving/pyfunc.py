@@ -1,4 +1,5 @@
-"""The served model: an MLflow pyfunc that takes 28x28 images and answers digit + class probabilities."""
+"""The served model: an MLflow pyfunc that takes 28x28 images and answers, per image, the class index
+(`digit`), the probabilities `prob_0`..`prob_9` and the class name (`class`)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from pipeline.core.inference import prepare
-from pipeline.core.model import load_checkpoint
+from pipeline.core.model import load_checkpoint, load_classes
 from pipeline.data.splits import IMAGE_SIZE, NUM_CLASSES
 
 log = logging.getLogger("pipeline.serving.pyfunc")
@@ -27,7 +28,11 @@ ARTIFACT = "classifier"
 PIXELS = IMAGE_SIZE * IMAGE_SIZE  # 784 columns in a DataFrame row, row-major
 
 
-COLUMNS = ["digit", *(f"prob_{k}" for k in range(NUM_CLASSES))]
+PROBABILITIES = [f"prob_{k}" for k in range(NUM_CLASSES)]
+# `digit` is the class index (MNIST's digit itself), named so before there were other datasets;
+# `class` (the dataset's class name, from the checkpoint) comes last: clients that read the first
+# eleven columns by position see what they always did.
+COLUMNS = ["digit", *PROBABILITIES, "class"]
 SHAPES = "(N, 28, 28), (N, 1, 28, 28) or (N, 784)"
 
 
@@ -86,11 +91,13 @@ def to_batch(data) -> torch.Tensor:
 
 
 class DigitClassifier(mlflow.pyfunc.PythonModel):
-    """Images in, a DataFrame out: `digit` and `prob_0`..`prob_9` per image."""
+    """Images in, a DataFrame out: `digit` (class index), `prob_0`..`prob_9` and `class` per image."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         threads = divide_threads()
-        self.inference = prepare(load_checkpoint(Path(context.artifacts["checkpoint"])))
+        checkpoint = Path(context.artifacts["checkpoint"])
+        self.inference = prepare(load_checkpoint(checkpoint))
+        self.classes = np.array(load_classes(checkpoint), dtype=object)  # the ten digits for older models
         line = f"classifier runs in {self.inference.describe()}, {threads} torch thread(s)"
         if workers := server_workers():  # the server configures no logging of ours: straight to its log
             print(f"{__name__}: {line} ({cores()} cores / {workers} worker(s))", file=sys.stderr, flush=True)
@@ -101,8 +108,9 @@ class DigitClassifier(mlflow.pyfunc.PythonModel):
     # the DataFrame of a `dataframe_split` request) through unchanged, and to_batch checks it.
     def predict(self, context, model_input: np.ndarray, params=None) -> pd.DataFrame:
         probs = self.inference.probabilities(to_batch(model_input)).numpy()  # (N, 10)
-        table = pd.DataFrame(probs, columns=COLUMNS[1:])
+        table = pd.DataFrame(probs, columns=PROBABILITIES)
         table.insert(0, "digit", probs.argmax(1))
+        table["class"] = self.classes[probs.argmax(1)]
         return table
 
 

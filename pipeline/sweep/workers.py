@@ -13,6 +13,7 @@ import torch
 from optuna.trial import TrialState
 
 from pipeline.core.runtime import pick_device, tune_malloc
+from pipeline.data.datasets import read_info
 from pipeline.data.splits import load_split
 from pipeline.sweep import study as studies
 from pipeline.sweep.spec import Sweep
@@ -47,7 +48,8 @@ def work(sweep: Sweep, url: str, data: Path, local_index: int = 0, jobs: int = 1
     commit = provenance.git_commit(ignore=("params.yaml", "dvc.lock", "recipes")) or "unknown"
     study = studies.open_study(sweep, url, seed=None, attrs={"data.train_md5": md5})
     study.sampler = sweep.make_sampler(worker_seed(sweep.sampler.get("seed", 0), local_index, jobs, len(study.trials)))
-    dataset = datasets.dataset(*train, source=str(data / "train.pt"), name="mnist-train")
+    name = f"{read_info(data, 'preprocess').name}-train"  # as the train stage names it
+    dataset = datasets.dataset(*train, source=str(data / "train.pt"), name=name)
     tags = {"data.train_md5": md5, "git_commit": commit, **runs.dvc_tags()}
     objective = Objective(sweep, _to(train, device), _to(val, device), dataset, device, tags)
     threads, where = torch.get_num_threads(), studies.redact(url)

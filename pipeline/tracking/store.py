@@ -21,9 +21,11 @@ ARTIFACTS_DIR = "mlruns"  # and its artifacts, beside it
 
 
 DESCRIPTION = (
-    "MNIST CNN trained by the DVC pipeline (download -> preprocess -> train -> evaluate). One run per "
-    "`dvc repro` / `dvc exp run`, named after the DVC experiment; test metrics are linked to the logged "
-    "models. Runs of one sweep share the tag `sweep`: filter with tags.sweep = '<name>'."
+    "CNN trained by the DVC pipeline (download -> preprocess -> train -> evaluate) on the dataset that "
+    "params.yaml's download.dataset names (MNIST or Fashion-MNIST): each run's dataset inputs are named "
+    "<dataset>-train and <dataset>-test. One run per `dvc repro` / `dvc exp run`, named after the DVC "
+    "experiment; test metrics are linked to the logged models. Runs of one sweep share the tag `sweep`: "
+    "filter with tags.sweep = '<name>'."
 )
 
 
