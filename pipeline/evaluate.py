@@ -79,11 +79,11 @@ def misclassified_figure(
     """The first `n` misclassified test images, 6 a row, each captioned with true and predicted class."""
     wrong = (predicted != labels).nonzero().flatten()[:n]
     lines = 2 if long_names(classes) else 1  # long names: true and predicted on lines of their own
-    cols, side, gap = 6, IMAGE_SIZE, 12 * lines  # the gap below each image holds its caption
+    cols, side, gap = 6, IMAGE_SIZE, 6 + 6 * lines  # the gap below each image holds its caption
     rows = max(1, -(-len(wrong) // cols))
     # One image of all of them on one axes: 36 axes of one image each took ~5x as long to draw.
     mosaic = torch.full((rows * (side + gap), cols * (side + 4)), 255, dtype=torch.uint8)  # (H, W) white
-    fig = Figure(figsize=(cols * 1.4 * lines, rows * 1.6 * lines))
+    fig = Figure(figsize=(cols * 1.4, rows * 1.6 * (side + gap) / (side + 12)))  # 1.6 in a row of one-line captions
     ax = fig.subplots()
     for k, i in enumerate(wrong.tolist()):
         top, left = (k // cols) * (side + gap), (k % cols) * (side + 4) + 2
