@@ -14,8 +14,8 @@ from torch.nn import functional as F
 
 from pipeline.common.errors import run_stage
 from pipeline.common.files import atomic_path, check_writable, write_json
+from pipeline.core.checkpoint import load_model
 from pipeline.core.engine import predict
-from pipeline.core.model import load_checkpoint
 from pipeline.core.runtime import pick_device
 from pipeline.data.splits import IMAGE_SIZE, NUM_CLASSES, load_split
 from pipeline.params import EvaluateConfig, ModelConfig, RegisterConfig, load_section
@@ -100,7 +100,8 @@ def main() -> None:
     device = pick_device(cfg.device, "evaluate.device")
     check_writable(args.out)
     images, labels = load_split(args.data / "test.pt")
-    model = load_checkpoint(args.models / "model.pt", expected=model_cfg).to(device)
+    model, _ = load_model(args.models / "model.pt", expected=model_cfg)
+    model = model.to(device)
 
     info = runs.read_run_file(args.models / "mlflow_run.json")
     with evaluation_run(info):  # a run of its own, under the training run

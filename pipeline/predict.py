@@ -16,8 +16,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.common.errors import DataError, PipelineError, run_stage
+from pipeline.core.checkpoint import load_model
 from pipeline.core.inference import prepare
-from pipeline.core.model import load_checkpoint
 from pipeline.data.splits import IMAGE_SIZE
 
 log = logging.getLogger("pipeline.predict")
@@ -133,7 +133,7 @@ def load_predictor(spec: str) -> Predictor:
     if not path.is_file():
         raise DataError(f"{path} not found; run `dvc repro` first, or pass --model with an MLflow model URI")
     try:
-        net = load_checkpoint(path)
+        net, _ = load_model(path)
     except Exception as e:
         raise DataError(f"{path} is not a model checkpoint ({type(e).__name__}: {e})") from e
     inference = prepare(net)  # as the served model: channels_last, bf16 where native ($INFERENCE_PRECISION)
