@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -63,23 +62,6 @@ def compute(
         return fit(model, train, val, cfg, step, resume=resume, on_epoch=on_epoch)
 
 
-def start_workers(cfg: TrainConfig, checkpoint: Path) -> None:
-    """train.nproc x train.nnodes > 1: start this machine's workers through torchrun's elastic agent."""
-    launch.check_devices(cfg.nproc, pick_device(cfg.device, "train.device"))
-    if cfg.nnodes == 1 or launch.node_rank(cfg.nnodes) == 0:
-        store.connect()  # rank 0 will log: a dead server fails now, before any process starts
-    try:
-        launch.start(cfg.nproc, cfg.nnodes, cfg.rdzv_endpoint, sys.argv[1:])
-    except (launch.WorkerFailed, KeyboardInterrupt) as e:
-        if checkpoint.is_file():
-            note = f"{checkpoint} keeps the last complete epoch; run again to resume (any train.nproc)"
-            if isinstance(e, KeyboardInterrupt):
-                e.add_note(note)
-            else:
-                e.args = (f"{e}; {note}",)
-        raise
-
-
 def follow(args: argparse.Namespace, model_cfg: ModelConfig, cfg: TrainConfig, world: World, device) -> None:
     """A rank other than 0: compute only. Rank 0 reads the checkpoint, talks to MLflow and writes."""
     logging.getLogger("pipeline").setLevel(logging.WARNING)  # rank 0 reports progress
@@ -106,9 +88,9 @@ def main() -> None:
     mlflow_cfg = load_section("mlflow", MlflowConfig)
     if not distributed.under_torchrun():
         if cfg.nproc * cfg.nnodes > 1:
-            return start_workers(cfg, args.checkpoint)
+            return launch.start_workers(cfg, args.checkpoint, connect=store.connect)
         world, device = distributed.ALONE, pick_device(cfg.device, "train.device")
-    else:  # a worker of torchrun (by hand, or started by start_workers above)
+    else:  # a worker of torchrun (by hand, or started by launch.start_workers above)
         world, device = distributed.join(cfg.device, cfg.batch_size)
     try:
         if world.rank == 0:

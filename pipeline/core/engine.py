@@ -190,7 +190,7 @@ def fit(
     and the full training state to `on_epoch`. With several ranks, `model` ends with the weights
     every rank agrees on. `cuda_graphs`: capture the step (None: on CUDA with one process; a failed
     capture falls back to eager, logged once)."""
-    step = step or Step.of(cfg, train[0].device)
+    step = step if step is not None else Step.of(cfg, train[0].device)
     world = step.world
     history: list[dict[str, float]] = []
     if resume is not None:
