@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from pipeline.core.engine import EVAL_BATCH_SIZE, evaluate, train_one_epoch
+from pipeline.core.engine import EVAL_BATCH_SIZE, Step, evaluate, train_one_epoch
 from pipeline.core.model import build_model
 from pipeline.core.runtime import autocast_dtype, cpu_has_native_bf16, make_deterministic, tune_malloc
 from pipeline.data.splits import load_split
@@ -91,9 +91,10 @@ def pipeline_loop(model_cfg: ModelConfig, cfg: TrainConfig, steps: int, data: Pa
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
     gen = torch.Generator().manual_seed(0)
     autocast = autocast_dtype(cfg.precision, torch.device("cpu"))
-    train_one_epoch(model, images[: 3 * cfg.batch_size], labels[: 3 * cfg.batch_size], cfg.batch_size, opt, gen)
+    warm_up = Step(cfg.batch_size)  # fp32, as before the measured pass
+    train_one_epoch(model, images[: 3 * cfg.batch_size], labels[: 3 * cfg.batch_size], warm_up, opt, gen)
     start = time.perf_counter()
-    train_one_epoch(model, images, labels, cfg.batch_size, opt, gen, autocast=autocast)
+    train_one_epoch(model, images, labels, Step(cfg.batch_size, autocast), opt, gen)
     return n / (time.perf_counter() - start)
 
 

@@ -29,10 +29,11 @@ import torch
 
 from pipeline.core import engine
 from pipeline.core.model import build_model
-from pipeline.core.runtime import autocast_dtype, device_tags, make_deterministic, pick_device, tune_malloc
+from pipeline.core.runtime import autocast_dtype, make_deterministic, pick_device, tune_malloc
 from pipeline.data.splits import load_split
 from pipeline.parallel import graphs
 from pipeline.params import ModelConfig, TrainConfig
+from pipeline.tracking.tags import device_tags  # torch only: no MLflow on a bare GPU box
 
 SPLITS = ("train", "val", "test")
 PACKED = Path(".cache/gpu_data")
@@ -182,10 +183,10 @@ def step_rates(data: dict, device: torch.device, steps: int) -> dict:
                 NOTES.lines.clear()
                 captured = graphs.capture(model, optimizer, x, y, cfg.batch_size, autocast) if graphed else None
                 generator = torch.Generator().manual_seed(0)
-                args = (model, x, y, cfg.batch_size, optimizer, generator, "rate", None, autocast)
-                engine.train_one_epoch(*args, captured=captured)  # warm-up pass
+                args = (model, x, y, engine.Step(cfg.batch_size, autocast), optimizer, generator)
+                engine.train_one_epoch(*args, captured=captured, desc="rate")  # warm-up pass
                 start = time.perf_counter()
-                engine.train_one_epoch(*args, captured=captured)
+                engine.train_one_epoch(*args, captured=captured, desc="rate")
                 rate = n / (time.perf_counter() - start)
                 kind = "graph" if captured is not None else ("eager (capture failed)" if graphed else "eager")
                 out[f"{model_cfg.arch} b{cfg.batch_size} {precision} {kind}"] = round(rate)

@@ -15,8 +15,8 @@ from torch.nn import functional as F
 
 from pipeline.common.errors import DataError, run_stage
 from pipeline.common.files import atomic_path, check_writable, write_json
+from pipeline.core.checkpoint import load_model
 from pipeline.core.engine import predict
-from pipeline.core.model import load_checkpoint, load_classes
 from pipeline.core.runtime import pick_device
 from pipeline.data.datasets import read_info
 from pipeline.data.splits import IMAGE_SIZE, NUM_CLASSES, load_split
@@ -116,8 +116,8 @@ def main() -> None:
     check_writable(args.out)
     images, labels = load_split(args.data / "test.pt")
     dataset = read_info(args.data, "preprocess")
-    model = load_checkpoint(args.models / "model.pt", expected=model_cfg).to(device)
-    classes = load_classes(args.models / "model.pt")
+    model, classes = load_model(args.models / "model.pt", expected=model_cfg)
+    model = model.to(device)
     if classes != dataset.classes:
         raise DataError(f"{args.models / 'model.pt'} was trained on other classes than {dataset.name}'s; re-run train")
 

@@ -16,8 +16,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.common.errors import DataError, PipelineError, run_stage
+from pipeline.core.checkpoint import DIGITS, load_model
 from pipeline.core.inference import prepare
-from pipeline.core.model import DIGITS, load_checkpoint, load_classes
 from pipeline.data.splits import IMAGE_SIZE
 
 log = logging.getLogger("pipeline.predict")
@@ -136,7 +136,7 @@ def load_predictor(spec: str) -> tuple[Predictor, tuple[str, ...]]:
     if not path.is_file():
         raise DataError(f"{path} not found; run `dvc repro` first, or pass --model with an MLflow model URI")
     try:
-        net, classes = load_checkpoint(path), load_classes(path)
+        net, classes = load_model(path)
     except Exception as e:
         raise DataError(f"{path} is not a model checkpoint ({type(e).__name__}: {e})") from e
     inference = prepare(net)  # as the served model: channels_last, bf16 where native ($INFERENCE_PRECISION)

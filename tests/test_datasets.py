@@ -18,7 +18,7 @@ from torchvision.datasets import FashionMNIST as TorchvisionFashionMNIST
 
 from pipeline import download, evaluate, predict, preprocess
 from pipeline.common.errors import DataError
-from pipeline.core.model import DIGITS, load_classes
+from pipeline.core.checkpoint import DIGITS, load_model
 from pipeline.data import sources
 from pipeline.data.datasets import DATASETS, FASHION_MNIST, IDX_FILES, MNIST, read_info
 from pipeline.data.idx import check_idx, md5
@@ -112,7 +112,7 @@ def test_older_checkpoints_answer_with_the_ten_digits(in_trained, tmp_path) -> N
     assert checkpoint["classes"] == list(DIGITS)
     del checkpoint["classes"]
     torch.save(checkpoint, tmp_path / "old.pt")
-    assert load_classes(tmp_path / "old.pt") == DIGITS
+    assert load_model(tmp_path / "old.pt")[1] == DIGITS
     _, classes = predict.load_predictor(str(tmp_path / "old.pt"))
     assert classes == DIGITS
 

@@ -38,7 +38,7 @@ def trained(arch: str, world: World = distributed.ALONE) -> tuple[list[dict], di
     torch.manual_seed(CFG.seed)
     model = build_model(ModelConfig(arch=arch, nf=8)).to(memory_format=torch.channels_last)
     data = tiny_split()
-    history = engine.fit(model, data, data, CFG, world=world)
+    history = engine.fit(model, data, data, CFG, engine.Step.of(CFG, torch.device("cpu"), world))
     return history, model.state_dict()
 
 

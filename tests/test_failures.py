@@ -18,10 +18,10 @@ from mlflow import MlflowClient
 from pipeline import download, evaluate, preprocess, train
 from pipeline.common import credentials, errors, files
 from pipeline.common.errors import DataError, PipelineError, run_stage
-from pipeline.core import engine
+from pipeline.core import checkpoint, engine
 from pipeline.data.idx import idx_bytes
 from pipeline.params import MlflowConfig
-from pipeline.tracking import runs, store
+from pipeline.tracking import checkpoint_run, runs, store
 
 from .conftest import REPO, run_id_of, run_main, set_params, synthetic_digits, train_until_checkpoint
 
@@ -103,7 +103,7 @@ def test_checkpoint_from_other_params_is_not_resumed(processed, monkeypatch, cap
     # Fake a stale checkpoint from another lr: it must be ignored, with the reason logged.
     state = torch.load(processed / "models/model.pt", weights_only=True)
     stale = {
-        "fingerprint": train.fingerprint(train.ModelConfig(nf=8), train.TrainConfig(lr=0.5), "x"),
+        "fingerprint": checkpoint.fingerprint(train.ModelConfig(nf=8), train.TrainConfig(lr=0.5), "x"),
         "history": state["history"],
     }
     torch.save(stale, processed / "ckpt.pt")
@@ -120,7 +120,9 @@ def stale_checkpoint(workdir, run_id: str, **train_settings) -> None:
     cfg = dataclasses.replace(cfg, **train_settings)
     model_cfg = train.load_section("model", train.ModelConfig)
     data_md5 = hashlib.md5((workdir / "data/processed/train.pt").read_bytes()).hexdigest()
-    torch.save({"fingerprint": train.fingerprint(model_cfg, cfg, data_md5), "history": [], "run_id": run_id}, "ckpt.pt")
+    torch.save(
+        {"fingerprint": checkpoint.fingerprint(model_cfg, cfg, data_md5), "history": [], "run_id": run_id}, "ckpt.pt"
+    )
 
 
 def test_a_checkpoint_whose_run_is_not_in_this_store_starts_fresh_saying_why(processed, monkeypatch, caplog) -> None:
@@ -271,7 +273,7 @@ def test_sigterm_during_an_epoch_s_metrics_write_lands_after_it(workdir, monkeyp
     with pytest.raises(errors.Terminated):
         with runs.start_run(MlflowConfig(experiment_name="tests"), "sigterm") as run:
             monkeypatch.setattr(mlflow, "log_metrics", interrupted)
-            train.log_epochs(run.info.run_id, [{"epoch": 1, "val_loss": 0.5}], kept="ckpt.pt keeps epoch 1")
+            checkpoint_run.log_epochs(run.info.run_id, [{"epoch": 1, "val_loss": 0.5}], kept="ckpt.pt keeps epoch 1")
     client = MlflowClient()
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [1]
     assert client.get_run(run.info.run_id).info.status == "KILLED"

@@ -26,7 +26,7 @@ def trained(cfg: TrainConfig = CFG, cuda_graphs: bool | None = None, resume: dic
     torch.manual_seed(cfg.seed)
     model = build_model(ModelConfig(arch="fast", nf=8)).to(memory_format=torch.channels_last)  # BatchNorm buffers
     data = tiny_split(200)
-    history = engine.fit(model, data, data, cfg, resume, on_epoch, cuda_graphs=cuda_graphs)
+    history = engine.fit(model, data, data, cfg, resume=resume, on_epoch=on_epoch, cuda_graphs=cuda_graphs)
     return history, model.state_dict()
 
 

@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 
 from pipeline import preprocess, train
 from pipeline.core import engine, runtime
+from pipeline.tracking import tags as run_tags
 
 from .conftest import run_main
 
@@ -51,7 +52,7 @@ def test_cuda_runs_are_tagged_with_versions_and_device_name(monkeypatch) -> None
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H100 80GB HBM3")
     assert runtime.gpu_driver_version() is None or torch.cuda.is_available()  # no NVIDIA driver: None, no error
     monkeypatch.setattr(runtime, "gpu_driver_version", lambda: "570.124.06")
-    tags = runtime.device_tags(torch.device("cuda"))
+    tags = run_tags.device_tags(torch.device("cuda"))
     assert tags == {
         "device": "cuda",
         "torch_version": torch.__version__,
@@ -62,7 +63,7 @@ def test_cuda_runs_are_tagged_with_versions_and_device_name(monkeypatch) -> None
         "gpu_driver_version": "570.124.06",
     }
     tags = {"device": "cpu", "torch_version": torch.__version__, "threads": str(torch.get_num_threads())}
-    assert runtime.device_tags(torch.device("cpu")) == tags
+    assert run_tags.device_tags(torch.device("cpu")) == tags
 
 
 def md5(path) -> str:

@@ -14,8 +14,8 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from bench import serve_load
+from pipeline.core.checkpoint import load_model
 from pipeline.core.inference import prepare
-from pipeline.core.model import load_checkpoint
 from pipeline.core.runtime import cpu_has_native_bf16
 from pipeline.data.splits import load_split
 from pipeline.serving import pyfunc
@@ -135,10 +135,10 @@ def test_the_fast_path_predicts_as_fp32(in_trained, monkeypatch) -> None:
     fp32 network in the default layout, as served before: >= 99.9% equal predictions, accuracy within
     0.05 points. On the real MNIST test set: docs/using-the-model.md, "Serve it"."""
     images, labels = load_split(in_trained / "data/processed/test.pt")
-    reference = prepare(load_checkpoint(in_trained / "models/model.pt"), "fp32", channels_last=False)
+    reference = prepare(load_model(in_trained / "models/model.pt")[0], "fp32", channels_last=False)
     expected = reference.probabilities(images).argmax(1)
     for precision in ("fp32", "bf16", "auto"):
-        fast = prepare(load_checkpoint(in_trained / "models/model.pt"), precision)
+        fast = prepare(load_model(in_trained / "models/model.pt")[0], precision)
         got = fast.probabilities(images).argmax(1)
         assert (got == expected).float().mean() >= 0.999, precision
         assert abs((got == labels).float().mean() - (expected == labels).float().mean()) <= 0.0005, precision

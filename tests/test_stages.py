@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 
 from pipeline import download, evaluate, preprocess, train
 from pipeline.common.errors import DataError, ParamsError
-from pipeline.core.engine import train_one_epoch
+from pipeline.core.engine import Step, train_one_epoch
 from pipeline.core.model import Net
 from pipeline.data.datasets import FASHION_MNIST
 from pipeline.data.splits import load_split, save_split
@@ -69,7 +69,7 @@ def test_loss_falls_on_a_learnable_task() -> None:
     model, (x, y) = Net(8), tiny_data()
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     gen = torch.Generator().manual_seed(0)
-    losses = [train_one_epoch(model, x, y, 32, opt, gen)["loss"] for _ in range(4)]
+    losses = [train_one_epoch(model, x, y, Step(batch_size=32), opt, gen)["loss"] for _ in range(4)]
     assert losses[-1] < losses[0] * 0.5, losses
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,6 +26,28 @@ Split = tuple[torch.Tensor, torch.Tensor]
 
 class TrainingDiverged(PipelineError):
     """The loss became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """How a training step computes, besides the model, optimizer and data: built once (Step.of)
+    from the train section, the device and the process group."""
+
+    batch_size: int  # global: the ranks share each batch
+    autocast: torch.dtype | None = None  # bf16 autocast, or None: fp32
+    label_smoothing: float = 0.0  # cross-entropy against targets smoothed by this much
+    shift: int = 0  # augmentation: each image moved by up to this many pixels (0: none)
+    world: World = ALONE
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, device: torch.device, world: World = ALONE) -> Step:
+        autocast = autocast_dtype(cfg.precision, device)
+        return cls(cfg.batch_size, autocast, cfg.label_smoothing, cfg.shift, world)
+
+    @property
+    def precision(self) -> str:
+        """What the step computes in: bf16 (autocast) or fp32."""
+        return "bf16" if self.autocast is not None else "fp32"
 
 
 def build(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device) -> nn.Module:
@@ -55,26 +78,19 @@ def train_one_epoch(
     model: nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
-    batch_size: int,
+    step: Step,
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
-    desc: str = "train",
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-    autocast: torch.dtype | None = None,
-    label_smoothing: float = 0.0,
-    world: World = ALONE,
     captured: graphs.CapturedStep | None = None,
-    shift: int = 0,
+    desc: str = "train",
 ) -> dict[str, float]:
-    """One pass over (images, labels) in a seeded random order, in global batches of `batch_size`
-    of which this rank takes its share (see distributed.shard); full batches through `captured`
-    (a CUDA graph) when given. `shift` > 0: each image moved by a random offset of up to that many
-    pixels, drawn from `generator` (augmentation; none at 0, which draws nothing).
-
-    The loss is cross-entropy against targets smoothed by `label_smoothing`. Returns mean loss and
-    accuracy over all ranks, and `first_bad_batch`: the 1-based batch whose loss was NaN or
-    infinite on any rank, or -1.
-    """
+    """One pass over (images, labels) in a seeded random order, in global batches of which this rank
+    takes its share (see distributed.shard); full batches through `captured` (a CUDA graph) when
+    given. A `step.shift` offset for each image is drawn from `generator` (none at 0, which draws
+    nothing). Returns mean loss and accuracy over all ranks, and `first_bad_batch`: the 1-based
+    batch whose loss was NaN or infinite on any rank, or -1."""
+    batch_size, shift, world, autocast = step.batch_size, step.shift, step.world, step.autocast
     model.train()
     n = len(images)
     # The same seeded CPU permutation on every rank: together the ranks cover each batch once.
@@ -108,9 +124,9 @@ def train_one_epoch(
         with torch.autocast(images.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             logits = model(x)
             if world.size == 1:
-                loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+                loss = F.cross_entropy(logits, y, label_smoothing=step.label_smoothing)
             else:  # DDP averages the ranks' gradients: scaled so, it is the gradient of the global mean
-                loss = F.cross_entropy(logits, y, reduction="sum", label_smoothing=label_smoothing)
+                loss = F.cross_entropy(logits, y, reduction="sum", label_smoothing=step.label_smoothing)
                 loss = loss * (world.size / m)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -163,15 +179,19 @@ def fit(
     train: Split,
     val: Split,
     cfg: TrainConfig,
+    step: Step | None = None,
+    *,
     resume: dict[str, Any] | None = None,
     on_epoch: Callable[[dict[str, float], dict[str, Any]], None] | None = None,
-    world: World = ALONE,
     cuda_graphs: bool | None = None,
 ) -> list[dict[str, float]]:
-    """Train up to cfg.epochs, continuing from a `resume` state; after each epoch record train and
-    val loss/accuracy and hand the row and the full training state to `on_epoch`. With several
-    ranks, `model` ends with the weights every rank agrees on. `cuda_graphs`: capture the step
-    (None: on CUDA with one process; a failed capture falls back to eager, logged once)."""
+    """Train up to cfg.epochs in steps `step` (default: Step.of(cfg) on the data's device, alone),
+    continuing from a `resume` state; after each epoch hand the row of train and val loss/accuracy
+    and the full training state to `on_epoch`. With several ranks, `model` ends with the weights
+    every rank agrees on. `cuda_graphs`: capture the step (None: on CUDA with one process; a failed
+    capture falls back to eager, logged once)."""
+    step = step if step is not None else Step.of(cfg, train[0].device)
+    world = step.world
     history: list[dict[str, float]] = []
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -180,11 +200,10 @@ def fit(
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
     scheduler = None
     if cfg.schedule == "onecycle":  # warm up to train.lr, then anneal, stepping every batch
-        steps = -(-len(train[0]) // cfg.batch_size)
+        steps = -(-len(train[0]) // step.batch_size)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps)
     # The shuffling generator lives on the CPU, so the order is the same on every device and rank.
     generator = torch.Generator().manual_seed(cfg.seed)
-    autocast = autocast_dtype(cfg.precision, train[0].device)
     if resume is not None:
         optimizer.load_state_dict(graphs.eager_optimizer_state(resume["optimizer"]))
         if scheduler is not None:
@@ -192,14 +211,13 @@ def fit(
         generator.set_state(resume["generator"])
         torch.set_rng_state(resume["torch_rng"])
     captured = None
-    capturable = len(train[0]) >= cfg.batch_size and cfg.shift == 0  # the graph gathers unshifted batches
+    capturable = len(train[0]) >= step.batch_size and step.shift == 0  # the graph gathers unshifted batches
     if graphs.wanted(train[0].device, world.size, cuda_graphs) and capturable:
-        captured = graphs.capture(net, optimizer, *train, cfg.batch_size, autocast, cfg.label_smoothing)
+        captured = graphs.capture(net, optimizer, *train, step.batch_size, step.autocast, step.label_smoothing)
     for epoch in range(len(history) + 1, cfg.epochs + 1):
         start = time.perf_counter()
         desc = f"epoch {epoch}/{cfg.epochs}"
-        args = (net, *train, cfg.batch_size, optimizer, generator, desc, scheduler, autocast, cfg.label_smoothing)
-        tr = train_one_epoch(*args, world=world, captured=captured, shift=cfg.shift)
+        tr = train_one_epoch(net, *train, step, optimizer, generator, scheduler, captured, desc)
         train_seconds = time.perf_counter() - start  # train_one_epoch ends reading its sums: synced
         if tr["first_bad_batch"] >= 0:
             raise TrainingDiverged(

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
-
 import torch
 from torch import nn
 
-from pipeline.common.errors import DataError
 from pipeline.data.splits import IMAGE_SIZE, NUM_CLASSES
 from pipeline.params import ModelConfig
 
 FAST_CROP = 2  # FastNet drops this many border pixels on each side
-DIGITS = tuple(str(k) for k in range(NUM_CLASSES))  # the class names of checkpoints that store none (MNIST's)
 
 
 class Net(nn.Module):
@@ -84,39 +79,3 @@ class FastNet(nn.Module):
 def build_model(cfg: ModelConfig) -> nn.Module:
     """Build the network the model section describes."""
     return FastNet(cfg.nf) if cfg.arch == "fast" else Net(cfg.nf)
-
-
-def load_checkpoint(path: Path, expected: ModelConfig | None = None) -> nn.Module:
-    """Rebuild the network from train's checkpoint {'state_dict', 'model': config}, on the CPU, in
-    eval mode; with `expected`, refuse a checkpoint made with other model settings."""
-    if not path.is_file():
-        raise DataError(f"{path} not found; run the train stage first")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        saved = ModelConfig(**checkpoint["model"])
-    except Exception as e:
-        raise DataError(f"{path} is not a model checkpoint written by train ({type(e).__name__}: {e})") from e
-    if expected is not None and saved != expected:
-        diff = ", ".join(
-            f"model.{k}={getattr(saved, k)!r} in the file but {v!r} in params.yaml"
-            for k, v in dataclasses.asdict(expected).items()
-            if getattr(saved, k) != v
-        )
-        raise DataError(f"{path} was trained with other model settings ({diff}); re-run the train stage")
-    model = build_model(saved)
-    try:
-        model.load_state_dict(checkpoint["state_dict"])
-    except (KeyError, RuntimeError) as e:
-        raise DataError(f"{path}: weights do not fit the network of {saved} ({str(e)[:300]})") from e
-    return model.eval()
-
-
-def load_classes(path: Path) -> tuple[str, ...]:
-    """The class names train stored in the checkpoint ('classes'); the ten digits for older ones."""
-    try:
-        classes = torch.load(path, map_location="cpu", weights_only=True).get("classes", DIGITS)
-    except Exception as e:
-        raise DataError(f"{path} is not a model checkpoint written by train ({type(e).__name__}: {e})") from e
-    if len(classes) != NUM_CLASSES or not all(isinstance(c, str) for c in classes):
-        raise DataError(f"{path}: 'classes' must be {NUM_CLASSES} class names, got {classes!r:.200}")
-    return tuple(classes)

@@ -47,18 +47,6 @@ def make_deterministic(seed: int) -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def device_tags(device: torch.device) -> dict[str, str]:
-    """What ran the work: device, and the torch/CUDA/cuDNN versions and the GPU's driver."""
-    # Threads too: the CPU's sums split across them, so equal weights need equal thread counts.
-    tags = {"device": str(device), "torch_version": torch.__version__, "threads": str(torch.get_num_threads())}
-    if device.type == "cuda":
-        tags["cuda_version"] = str(torch.version.cuda)
-        tags["cudnn_version"] = str(torch.backends.cudnn.version())
-        tags["device_name"] = torch.cuda.get_device_name(device)
-        tags["gpu_driver_version"] = gpu_driver_version() or "unknown"
-    return tags
-
-
 def gpu_driver_version() -> str | None:
     """The NVIDIA driver's version through NVML (nvidia-ml-py, which MLflow's GPU metrics use too)."""
     try:

@@ -7,11 +7,16 @@ import errno
 import os
 import signal
 import socket
+import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from pipeline.common.errors import ParamsError, PipelineError, Terminated
+from pipeline.core.runtime import pick_device
+from pipeline.params import TrainConfig
 
 RDZV_WAIT = 60.0  # seconds a machine of node rank > 0 waits for node 0's rendezvous endpoint
 
@@ -106,6 +111,25 @@ def start(nproc: int, nnodes: int, endpoint: str | None, argv: list[str]) -> Non
         raise WorkerFailed(_failure(e.failures)) from None
     except SignalException as e:  # the agent stopped the workers; end as Ctrl-C or SIGTERM does
         raise (KeyboardInterrupt if e.sigval == signal.SIGINT else Terminated)() from None
+
+
+def start_workers(cfg: TrainConfig, kept: Path, connect: Callable[[], None]) -> None:
+    """train.nproc x train.nnodes > 1: start this machine's workers through torchrun's elastic agent,
+    on the machine of rank 0 after `connect` (rank 0 will log: a dead server fails now, before any
+    process starts). A failure says that `kept`, the training checkpoint, resumes the last epoch."""
+    check_devices(cfg.nproc, pick_device(cfg.device, "train.device"))
+    if cfg.nnodes == 1 or node_rank(cfg.nnodes) == 0:
+        connect()
+    try:
+        start(cfg.nproc, cfg.nnodes, cfg.rdzv_endpoint, sys.argv[1:])
+    except (WorkerFailed, KeyboardInterrupt) as e:
+        if kept.is_file():
+            note = f"{kept} keeps the last complete epoch; run again to resume (any train.nproc)"
+            if isinstance(e, KeyboardInterrupt):
+                e.add_note(note)
+            else:
+                e.args = (f"{e}; {note}",)
+        raise
 
 
 def _failure(failures: dict) -> str:

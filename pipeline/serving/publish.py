@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import tempfile
 from importlib.metadata import version
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 from mlflow.models import ModelSignature, infer_signature
 from mlflow.types import ColSpec, Schema
 
+from pipeline.core.checkpoint import save_model
 from pipeline.params import ModelConfig
 from pipeline.serving.pyfunc import ARTIFACT, PROBABILITIES
 
@@ -39,8 +39,7 @@ def log_classifier(
     here = Path(__file__).parent  # pipeline/serving; the whole pipeline package travels as code
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(tmp) / "model.pt"
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        torch.save({"state_dict": state, "model": dataclasses.asdict(model_cfg), "classes": list(classes)}, checkpoint)
+        save_model(checkpoint, model, model_cfg, classes=list(classes))
         mlflow.pyfunc.log_model(
             name=ARTIFACT,
             python_model=str(here / "pyfunc_code.py"),

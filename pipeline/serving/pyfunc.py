@@ -17,8 +17,8 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
+from pipeline.core.checkpoint import load_model
 from pipeline.core.inference import prepare
-from pipeline.core.model import load_checkpoint, load_classes
 from pipeline.data.splits import IMAGE_SIZE, NUM_CLASSES
 
 log = logging.getLogger("pipeline.serving.pyfunc")
@@ -95,9 +95,9 @@ class DigitClassifier(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         threads = divide_threads()
-        checkpoint = Path(context.artifacts["checkpoint"])
-        self.inference = prepare(load_checkpoint(checkpoint))
-        self.classes = np.array(load_classes(checkpoint), dtype=object)  # the ten digits for older models
+        model, classes = load_model(Path(context.artifacts["checkpoint"]))
+        self.inference = prepare(model)
+        self.classes = np.array(classes, dtype=object)  # the ten digits for models logged before class names
         line = f"classifier runs in {self.inference.describe()}, {threads} torch thread(s)"
         if workers := server_workers():  # the server configures no logging of ours: straight to its log
             print(f"{__name__}: {line} ({cores()} cores / {workers} worker(s))", file=sys.stderr, flush=True)

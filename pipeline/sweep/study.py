@@ -40,11 +40,14 @@ def end_stale_run(study: optuna.Study, trial: FrozenTrial) -> None:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from pipeline.tracking import tags  # here too: `sweep show` and the `--jobs` parent stay light
+
     if run_id := trial.user_attrs.get(RUN_ID_ATTR):
         try:
             client = MlflowClient()
-            client.set_tag(run_id, "sweep.state", "FAIL")
-            client.set_tag(run_id, "sweep.failure", "the worker stopped answering (heartbeat); trial retried")
+            failure = "the worker stopped answering (heartbeat); trial retried"
+            for key, value in tags.trial_end_tags("FAIL", failure=failure).items():
+                client.set_tag(run_id, key, value)
             client.set_terminated(run_id, "FAILED")
         except MlflowException as e:  # the run is best effort; the study must go on
             log.warning("could not end MLflow run %s of stale trial %d: %s", run_id, trial.number, e.message)

@@ -14,12 +14,11 @@ import torch
 from mlflow.data.dataset import Dataset
 
 from pipeline.common.errors import ParamsError
-from pipeline.core.engine import Split, TrainingDiverged, build, fit
-from pipeline.core.runtime import autocast_dtype, device_tags
+from pipeline.core.engine import Split, Step, TrainingDiverged, build, fit
 from pipeline.params import MlflowConfig, load_section
 from pipeline.sweep.spec import Sweep
 from pipeline.sweep.study import RUN_ID_ATTR
-from pipeline.tracking import datasets, provenance, store
+from pipeline.tracking import datasets, provenance, store, tags
 
 log = logging.getLogger("pipeline.sweep")
 
@@ -28,11 +27,12 @@ class Objective:
     """Called by Optuna once per trial, in a worker that loaded the data once."""
 
     def __init__(
-        self, sweep: Sweep, train: Split, val: Split, dataset: Dataset, device: torch.device, tags: dict[str, str]
+        self, sweep: Sweep, train: Split, val: Split, dataset: Dataset, device: torch.device, origin: dict[str, str]
     ) -> None:
+        """`origin`: the worker's tags.provenance_tags and tags.dvc_tags, on each trial's run."""
         self.sweep, self.train, self.val, self.dataset, self.device = sweep, train, val, dataset, device
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
-        self.tags = {**tags, **device_tags(device), "sweep": sweep.name, "sweep.worker": self.worker}
+        self.origin = origin
         # The pipeline's experiment: `tags.sweep = '<name>'` picks the sweep out of it in `mlflow ui`.
         self.experiment_id = store.experiment_id(load_section("mlflow", MlflowConfig).experiment_name)
 
@@ -41,14 +41,15 @@ class Objective:
             model_cfg, cfg = self.sweep.configs(self.sweep.overrides(trial))
         except ParamsError as e:  # a point of the space that params.yaml's checks refuse
             raise optuna.TrialPruned(f"invalid params: {e}") from None
-        precision = "bf16" if autocast_dtype(cfg.precision, self.device) else "fp32"
-        tags = {**self.tags, "precision": precision, "sweep.trial": str(trial.number), "sweep.state": "RUNNING"}
+        step = Step.of(cfg, self.device)
+        run_tags = {**self.origin, **tags.compute_tags(self.device, step.precision)}
+        run_tags |= tags.trial_tags(self.sweep.name, self.worker, trial.number)
         name = f"{self.sweep.name}-{trial.number}"
-        run = mlflow.start_run(experiment_id=self.experiment_id, run_name=name, tags=tags)
-        attrs = {RUN_ID_ATTR: run.info.run_id, "threads": tags["threads"], "device": str(self.device)}
+        run = mlflow.start_run(experiment_id=self.experiment_id, run_name=name, tags=run_tags)
+        attrs = {RUN_ID_ATTR: run.info.run_id, "threads": run_tags["threads"], "device": str(self.device)}
         for key, value in {**attrs, "worker": self.worker}.items():
             trial.set_user_attr(key, value)
-        status, state = "FAILED", "FAIL"
+        status, state, diverged = "FAILED", "FAIL", False
         try:
             mlflow.log_params(provenance.flat_params(model=model_cfg, train=cfg))
             datasets.log_input(self.dataset, context="training")
@@ -62,19 +63,18 @@ class Objective:
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"after epoch {epoch}: {self.sweep.objective} {value:.4f}")
 
-            history = fit(model, self.train, self.val, cfg, on_epoch=on_epoch)
+            history = fit(model, self.train, self.val, cfg, step, on_epoch=on_epoch)
             status, state = "FINISHED", "COMPLETE"
             return history[-1][self.sweep.objective]
         except optuna.TrialPruned:
             status, state = "KILLED", "PRUNED"  # stopped early on purpose: KILLED is how the UI shows it
             raise
         except TrainingDiverged as e:  # a learning rate too high is an answer, not a broken worker
-            status, state = "KILLED", "PRUNED"
-            mlflow.set_tag("sweep.diverged", "true")
+            status, state, diverged = "KILLED", "PRUNED", True
             raise optuna.TrialPruned(str(e)) from None
         except KeyboardInterrupt:
             status = "KILLED"
             raise
         finally:
-            mlflow.set_tag("sweep.state", state)
+            mlflow.set_tags(tags.trial_end_tags(state, diverged=diverged))
             mlflow.end_run(status=status)

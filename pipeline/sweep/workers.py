@@ -18,7 +18,7 @@ from pipeline.data.splits import load_split
 from pipeline.sweep import study as studies
 from pipeline.sweep.spec import Sweep
 from pipeline.sweep.trial import Objective
-from pipeline.tracking import datasets, provenance, runs, store
+from pipeline.tracking import datasets, provenance, store, tags
 
 log = logging.getLogger("pipeline.sweep")
 # Indexes that cluster schedulers give the workers of one submission: Slurm job arrays, Kubernetes
@@ -50,8 +50,8 @@ def work(sweep: Sweep, url: str, data: Path, local_index: int = 0, jobs: int = 1
     study.sampler = sweep.make_sampler(worker_seed(sweep.sampler.get("seed", 0), local_index, jobs, len(study.trials)))
     name = f"{read_info(data, 'preprocess').name}-train"  # as the train stage names it
     dataset = datasets.dataset(*train, source=str(data / "train.pt"), name=name)
-    tags = {"data.train_md5": md5, "git_commit": commit, **runs.dvc_tags()}
-    objective = Objective(sweep, _to(train, device), _to(val, device), dataset, device, tags)
+    run_tags = tags.provenance_tags(md5, commit) | tags.dvc_tags()
+    objective = Objective(sweep, _to(train, device), _to(val, device), dataset, device, run_tags)
     threads, where = torch.get_num_threads(), studies.redact(url)
     log.info("worker on %s with %d thread(s), study %r at %s", device, threads, sweep.name, where)
     waiting_said = False

@@ -1,5 +1,6 @@
-"""The MLflow run a training checkpoint belongs to: resumed only where it exists, ended when the
-checkpoint is discarded, so that a checkpoint never traps a user nor leaves a run RUNNING forever."""
+"""The MLflow side of a training checkpoint (core/checkpoint.py): its run, resumed only where it
+exists and ended when the checkpoint is discarded, so that a checkpoint never traps a user nor leaves
+a run RUNNING forever; and each epoch's metrics logged once, also those a dead server missed."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
-from pipeline.common.errors import PipelineError
+from pipeline.common.errors import PipelineError, shielded
+from pipeline.core import checkpoint
+from pipeline.tracking import server
 
 log = logging.getLogger("pipeline.train")
 
@@ -45,6 +48,12 @@ def resumable(resume: dict[str, Any] | None, path: Path) -> dict[str, Any] | Non
     return None
 
 
+def resume(path: Path, expected: dict[str, Any], epochs: int) -> dict[str, Any] | None:
+    """The training checkpoint at `path` to resume (checkpoint.load_training) if this store holds
+    its run; the run of one that is discarded ends KILLED."""
+    return resumable(checkpoint.load_training(path, expected, epochs, discard=end_discarded), path)
+
+
 def end_discarded(state: dict[str, Any]) -> None:
     """End the run of a checkpoint that will not be resumed KILLED, if it is still RUNNING (killed
     with SIGKILL, or its machine died): nothing else would ever end it."""
@@ -52,3 +61,14 @@ def end_discarded(state: dict[str, Any]) -> None:
     if run is not None and run.info.status == "RUNNING":
         MlflowClient().set_terminated(run.info.run_id, "KILLED")
         log.info("ended MLflow run %s of the discarded checkpoint as KILLED", run.info.run_id)
+
+
+def log_epochs(run_id: str, rows: list[dict[str, float]], kept: str, catch_up: bool = False) -> None:
+    """Log the rows (one an epoch). With `catch_up` (a resumed run), only those whose epoch the run
+    does not hold yet: a tracking server, down at the time, may not have taken them. Each epoch once."""
+    # Shielded: SIGTERM or Ctrl-C is raised after the store's write, not inside it (see errors.shielded).
+    with server.answering(f"{kept}; run again once it answers, to resume into run {run_id}"), shielded():
+        logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "val_loss")} if catch_up else set()
+        for row in rows:
+            if int(row["epoch"]) not in logged:
+                mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))

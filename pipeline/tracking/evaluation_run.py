@@ -19,10 +19,9 @@ from mlflow import MlflowClient
 from mlflow.data.dataset import Dataset
 from mlflow.entities import LoggedModelInput
 from mlflow.exceptions import MlflowException
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from pipeline.common.errors import PipelineError
-from pipeline.tracking import datasets, runs, store
+from pipeline.tracking import datasets, runs, store, tags
 
 
 @contextmanager
@@ -38,16 +37,16 @@ def evaluation_run(info: dict[str, Any]) -> Iterator[mlflow.ActiveRun]:
             active = mlflow.start_run(run_id=run_id)
         else:
             model_run = MlflowClient().get_run(model_run_id)
-            tags = {MLFLOW_PARENT_RUN_ID: model_run_id, "model_run_id": model_run_id, **runs.dvc_tags()}
             name = f"{model_run.info.run_name}-eval"
-            active = mlflow.start_run(experiment_id=model_run.info.experiment_id, run_name=name, tags=tags)
+            experiment = model_run.info.experiment_id
+            active = mlflow.start_run(experiment_id=experiment, run_name=name, tags=tags.evaluation_tags(model_run_id))
     except MlflowException as e:
         raise PipelineError(
             f"cannot start the evaluation of MLflow run {model_run_id} at {mlflow.get_tracking_uri()}: {e.message}"
         ) from e
     with runs._ending(active) as run:
         if run.info.run_id != model_run_id and not run.data.tags.get("model_run_id"):
-            mlflow.set_tag("model_run_id", model_run_id)  # `mlflow run`'s run, the model from another
+            mlflow.set_tags(tags.model_run_tag(model_run_id))  # `mlflow run`'s run, the model from another
         yield run
 
 

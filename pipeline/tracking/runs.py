@@ -18,6 +18,7 @@ from pipeline.common import credentials
 from pipeline.common.errors import PipelineError
 from pipeline.common.files import write_json
 from pipeline.params import MlflowConfig, ModelConfig, TrainConfig
+from pipeline.tracking import tags
 from pipeline.tracking.server import answering
 from pipeline.tracking.store import experiment_id, repo_store_uri
 
@@ -28,12 +29,6 @@ def run_name(model_cfg: ModelConfig, cfg: TrainConfig) -> str:
     if name := os.environ.get("DVC_EXP_NAME"):
         return name
     return f"{model_cfg.arch}-nf{model_cfg.nf}-e{cfg.epochs}-b{cfg.batch_size}-lr{cfg.lr:g}-{uuid.uuid4().hex[:4]}"
-
-
-def dvc_tags() -> dict[str, str]:
-    """The DVC experiment that made the run: its name and the commit it started from."""
-    names = {"DVC_EXP_NAME": "dvc.exp_name", "DVC_EXP_BASELINE_REV": "dvc.baseline_rev"}
-    return {tag: os.environ[var] for var, tag in names.items() if os.environ.get(var)}
 
 
 # MLflow's own system metrics (CPU, memory, disk, network; GPUs through nvidia-ml-py): on for the
@@ -68,10 +63,7 @@ def start_run(
             active = mlflow.start_run(
                 experiment_id=experiment_id(cfg.experiment_name), run_name=name, log_system_metrics=system_metrics
             )
-        tags = dvc_tags() | ({"sweep": cfg.sweep} if cfg.sweep else {})
-        if tags.get("dvc.exp_name") and active.info.run_name != name:  # `mlflow run`'s run: use the DVC name
-            tags["mlflow.runName"] = name
-        mlflow.set_tags(tags)
+        mlflow.set_tags(tags.start_tags(name, active.info.run_name, cfg.sweep))
     except MlflowException as e:
         raise PipelineError(f"MLflow tracking at {mlflow.get_tracking_uri()} failed: {e.message}") from e
     with _ending(active) as run:
