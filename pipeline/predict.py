@@ -25,6 +25,7 @@ log = logging.getLogger("pipeline.predict")
 BOX = 20  # MNIST scaled each digit's bounding box to fit 20x20, keeping its aspect ratio
 NOISE = 32  # ink below this (of 255, after contrast stretch) is paper texture or JPEG noise
 MIN_CONTRAST = 24  # darkest-to-brightest spread below this: no digit to see
+TRIM = 0.05 * 255  # Fashion-MNIST's trimming: an edge within 5% of the background's intensity is background
 MAX_SIDE = 1024  # bigger pictures are shrunk to this many pixels on their longer side before normalising
 # The formats docs/using-the-model.md lists, and only those: Pillow knows dozens more (EPS goes to Ghostscript
 # where it is installed), each a decoder that any file named .png could reach.
@@ -112,6 +113,35 @@ def to_mnist(gray: np.ndarray) -> np.ndarray:
     return out
 
 
+def to_object(gray: np.ndarray) -> np.ndarray:
+    """Fashion-MNIST's look (Zalando's own conversion): light object on black, the edges that are
+    background trimmed, the longer side scaled to 28 and the shorter one centred; no thresholding."""
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    if np.median(border) > 127:  # a product photo on white: Fashion-MNIST negated those
+        gray = 255 - gray
+    background = float(np.median(np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])))
+    content = np.abs(gray.astype(np.float32) - background) > TRIM
+    if not content.any():
+        raise ImageError("no object found: the image is (nearly) uniform")
+    rows, cols = np.nonzero(content)
+    item = gray[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    scale = IMAGE_SIZE / max(item.shape)
+    h, w = (max(1, round(n * scale)) for n in item.shape)
+    item = np.asarray(Image.fromarray(item.astype(np.uint8)).resize((w, h), Image.Resampling.BILINEAR))
+    out = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+    top, left = (IMAGE_SIZE - h) // 2, (IMAGE_SIZE - w) // 2
+    out[top : top + h, left : left + w] = item
+    return out
+
+
+def look_of(classes: tuple[str, ...], look: str = "auto") -> Callable[[np.ndarray], np.ndarray]:
+    """How a picture is made to look like the training data: MNIST's digits when the model's classes
+    are the ten digits, else Fashion-MNIST's objects (`look` = digit | object overrides)."""
+    if look == "auto":
+        look = "digit" if classes == DIGITS else "object"
+    return to_mnist if look == "digit" else to_object
+
+
 def load_predictor(spec: str) -> tuple[Predictor, tuple[str, ...]]:
     """A checkpoint path (models/model.pt) or an MLflow model URI, as images -> probabilities, and
     its class names."""
@@ -148,14 +178,17 @@ def load_predictor(spec: str) -> tuple[Predictor, tuple[str, ...]]:
     return predict, classes
 
 
-def predict_files(paths: list[Path], predictor: Predictor, classes: tuple[str, ...] = DIGITS) -> list[dict]:
+def predict_files(
+    paths: list[Path], predictor: Predictor, classes: tuple[str, ...] = DIGITS, look: str = "auto"
+) -> list[dict]:
     """One result per file, in order: {file, digit, class, probability, probabilities} or {file, error};
     `digit` is the class index (MNIST's digit), `class` its name."""
     results: list[dict] = [{"file": str(p)} for p in paths]
     images, done = [], []
+    normalise = look_of(classes, look)
     for result, path in zip(results, paths, strict=True):
         try:
-            images.append(to_mnist(load_image(path)))
+            images.append(normalise(load_image(path)))
             done.append(result)
         except ImageError as e:
             result["error"] = str(e)
@@ -172,9 +205,16 @@ def main() -> None:
     parser.add_argument("images", nargs="+", type=Path, help="PNG, JPEG or GIF files")
     parser.add_argument("--model", default="models/model.pt", help="checkpoint path or MLflow model URI")
     parser.add_argument("--json", action="store_true", help="print one JSON list of results")
+    parser.add_argument(
+        "--look",
+        choices=("auto", "digit", "object"),
+        default="auto",
+        help="shape pictures like MNIST's digits or Fashion-MNIST's objects (auto: by the model's classes)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    results = predict_files(args.images, *load_predictor(args.model))
+    predictor, classes = load_predictor(args.model)
+    results = predict_files(args.images, predictor, classes, args.look)
     for r in results:
         if "error" in r:
             print(f"error: {r['file']}: {r['error']}", file=sys.stderr)

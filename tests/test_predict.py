@@ -64,6 +64,25 @@ def test_both_looks_normalise_to_the_same_mnist_digit(images) -> None:
     assert np.corrcoef(scan.ravel(), mnist_like.ravel())[0, 1] > 0.95
 
 
+FASHION = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+
+
+def test_a_fashion_model_gets_pictures_in_fashion_mnist_s_look() -> None:
+    """Objects keep their shape and shading: trimmed, the longer side to 28, centred; no thresholding."""
+    photo = np.full((60, 100), 250, dtype=np.uint8)  # a product photo on white
+    photo[10:50, 30:50] = 80  # a dark 40x20 garment...
+    photo[10:50, 30:35] = 160  # ...with a lighter seam, which MNIST's 32-level noise floor would keep only as ink
+    shaped = predict.to_object(photo)
+    assert shaped.shape == (28, 28)
+    assert shaped[:, :7].max() == 0 and shaped[:, -7:].max() == 0  # 28 tall, 14 wide, centred
+    assert (shaped[:, 7:21] > 0).all()  # the whole garment is there, not just its strongest pixels
+    assert shaped[14, 15] == 175 and 90 <= shaped[14, 8] <= 100  # the two shades, negated, kept apart
+    assert np.array_equal(predict.to_object(255 - photo), shaped)  # a light object on black: the same
+    assert predict.look_of(FASHION) is predict.to_object
+    assert predict.look_of(predict.DIGITS) is to_mnist
+    assert predict.look_of(FASHION, "digit") is to_mnist
+
+
 @pytest.mark.parametrize(
     ("name", "message"),
     [
