@@ -146,7 +146,7 @@ def main() -> None:
         write_json(args.out / "metrics.json", metrics)
 
         mlflow.log_params(provenance.flat_params(evaluate=cfg, register=register_cfg))
-        source, name = str(args.data / "test.pt"), f"{dataset.name}-test"
+        source, name = str(args.data / "test.pt"), dataset.split_name("test")
         test_set = datasets.log_dataset(images, labels, source, name, "evaluation")
         log_linked(metrics, info["run_id"], test_set)
         for name in ("metrics.json", "per_class.csv", "confusion_matrix.png", "misclassified.png"):

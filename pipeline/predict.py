@@ -84,12 +84,17 @@ def from_16_bit(pixels: np.ndarray) -> np.ndarray:
     return (pixels.astype(np.float32) * (255 / 65535)).round().astype(np.uint8)
 
 
-def to_mnist(gray: np.ndarray) -> np.ndarray:
-    """The MNIST look: white digit on black, bounding box fit in 20x20, centre of mass at the centre of 28x28."""
+def on_black(gray: np.ndarray) -> tuple[np.ndarray, float]:
+    """The picture as light on dark, and its background's level (the border's median): a light
+    background (a scan, a drawing, a product photo) is negated, as both datasets were made."""
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
     background = float(np.median(border))
-    if background > 127:  # a light background: black on white (scan, drawing); MNIST is the inverse
-        gray, background = 255 - gray, 255 - background
+    return (255 - gray, 255 - background) if background > 127 else (gray, background)
+
+
+def to_mnist(gray: np.ndarray) -> np.ndarray:
+    """The MNIST look: white digit on black, bounding box fit in 20x20, centre of mass at the centre of 28x28."""
+    gray, background = on_black(gray)
     ink = np.clip(gray - background, 0, None)
     if ink.max() < MIN_CONTRAST:
         raise ImageError("no digit found: the image is (nearly) uniform")
@@ -116,10 +121,7 @@ def to_mnist(gray: np.ndarray) -> np.ndarray:
 def to_object(gray: np.ndarray) -> np.ndarray:
     """Fashion-MNIST's look (Zalando's own conversion): light object on black, the edges that are
     background trimmed, the longer side scaled to 28 and the shorter one centred; no thresholding."""
-    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    if np.median(border) > 127:  # a product photo on white: Fashion-MNIST negated those
-        gray = 255 - gray
-    background = float(np.median(np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])))
+    gray, background = on_black(gray)  # a product photo on white: Fashion-MNIST negated those too
     content = np.abs(gray.astype(np.float32) - background) > TRIM
     if not content.any():
         raise ImageError("no object found: the image is (nearly) uniform")

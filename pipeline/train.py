@@ -119,7 +119,7 @@ def write(
         log.info("MLflow run %s at %s; device %s", run.info.run_id, mlflow.get_tracking_uri(), device)
         if resume is None:
             mlflow.log_params(provenance.flat_params(model=model_cfg, train=cfg))
-            datasets.log_dataset(*data.train, str(args.data / "train.pt"), f"{dataset.name}-train", "training")
+            datasets.log_dataset(*data.train, str(args.data / "train.pt"), dataset.split_name("train"), "training")
         mlflow.set_tags(run_tags(args, data, step, device))
         history = train_logged(args, model, data, cfg, step, resume, run.info.run_id)
         example = data.val[0][:4]

@@ -119,6 +119,10 @@ class DatasetInfo:
     classes: tuple[str, ...]
     files: tuple[str, ...]  # train images, train labels, test images, test labels
 
+    def split_name(self, split: str) -> str:
+        """A split's name as an MLflow dataset: `mnist-train`, `fashion-mnist-test`."""
+        return f"{self.name}-{split}"
+
 
 def info_of(dataset: Dataset) -> DatasetInfo:
     return DatasetInfo(dataset.name, dataset.classes, dataset.files)

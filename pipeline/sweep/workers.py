@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 import torch
 from optuna.trial import TrialState
 
+from pipeline.core.checkpoint import file_md5
 from pipeline.core.runtime import pick_device, tune_malloc
 from pipeline.data.datasets import read_info
 from pipeline.data.splits import load_split
@@ -43,12 +43,11 @@ def work(sweep: Sweep, url: str, data: Path, local_index: int = 0, jobs: int = 1
     store.connect()  # MLFLOW_TRACKING_URI, else the repository's store; a dead server fails now
     device = pick_device("auto", "the sweep's device")
     train, val = load_split(data / "train.pt"), load_split(data / "val.pt")
-    with open(data / "train.pt", "rb") as f:
-        md5 = hashlib.file_digest(f, "md5").hexdigest()
+    md5 = file_md5(data / "train.pt")
     commit = provenance.git_commit(ignore=("params.yaml", "dvc.lock", "recipes")) or "unknown"
     study = studies.open_study(sweep, url, seed=None, attrs={"data.train_md5": md5})
     study.sampler = sweep.make_sampler(worker_seed(sweep.sampler.get("seed", 0), local_index, jobs, len(study.trials)))
-    name = f"{read_info(data, 'preprocess').name}-train"  # as the train stage names it
+    name = read_info(data, "preprocess").split_name("train")
     dataset = datasets.dataset(*train, source=str(data / "train.pt"), name=name)
     run_tags = tags.provenance_tags(md5, commit) | tags.dvc_tags()
     objective = Objective(sweep, _to(train, device), _to(val, device), dataset, device, run_tags)
