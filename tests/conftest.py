@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -17,6 +16,8 @@ import yaml
 
 from pipeline.data.datasets import IDX_FILES as FILES
 from pipeline.data.idx import idx_bytes, md5
+
+from .helpers.servers import stop_group  # noqa: F401 (the tests' own name for it)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -250,16 +251,3 @@ def train_until_checkpoint(workdir: Path, out: str = "models", **env: str) -> su
     while not (workdir / "ckpt.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     return proc
-
-
-def stop_group(proc: subprocess.Popen, grace: float = 10) -> None:
-    """Stop a service started in its own process group (a server and its workers, a daemon):
-    SIGTERM the group, SIGKILL what is left after `grace` seconds."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()

@@ -302,16 +302,18 @@ def test_dvc_remote_carries_results_to_a_fresh_clone(repo, tmp_path) -> None:
     """push from this clone, pull into a new one: nothing to reproduce there."""
     sh(repo, "dvc", "repro")  # whatever the tests above changed, bring the workspace up to date
     sh(repo, "dvc", "remote", "add", "--default", "--force", "shared", str(tmp_path / "remote"))
-    # Outputs with `cache: false` (run file, metrics, CSVs) travel in git, not in the remote.
+    # Every output is cached, the run file and metrics too (run-cache hits need them in the remote):
+    # git holds dvc.lock and the .gitignore files only.
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "results")
-    assert "models/mlflow_run.json" in sh(repo, "git", "ls-files", "models", "reports")
+    assert sh(repo, "git", "ls-files", "models", "reports").split() == ["models/.gitignore", "reports/.gitignore"]
     sh(repo, "dvc", "push")
     clone = tmp_path / "clone"
     sh(tmp_path, "git", "clone", "-q", str(repo), str(clone))
     assert not (clone / "models/model.pt").exists()
     sh(clone, "dvc", "pull")
-    assert md5(clone / "models/model.pt") == md5(repo / "models/model.pt")
+    for path in ("models/model.pt", "models/mlflow_run.json", "reports/metrics.json", "models/history.csv"):
+        assert md5(clone / path) == md5(repo / path), path
     out = sh(clone, "dvc", "repro")
     assert "Running stage" not in out and "up to date" in out
     assert "up to date" in sh(clone, "dvc", "status")

@@ -5,6 +5,7 @@ import hashlib
 import importlib
 import json
 import os
+import platform
 
 import pandas as pd
 import pytest
@@ -57,13 +58,17 @@ def test_cuda_runs_are_tagged_with_versions_and_device_name(monkeypatch) -> None
         "device": "cuda",
         "torch_version": torch.__version__,
         "threads": str(torch.get_num_threads()),
+        "host": platform.node(),
         "cuda_version": "13.0",
         "cudnn_version": "91300",
         "device_name": "NVIDIA H100 80GB HBM3",
         "gpu_driver_version": "570.124.06",
     }
     tags = {"device": "cpu", "torch_version": torch.__version__, "threads": str(torch.get_num_threads())}
+    tags |= {"host": platform.node(), "device_name": runtime.cpu_name()}
+    tags["cpu_native_bf16"] = "true" if runtime.cpu_has_native_bf16() else "false"
     assert run_tags.device_tags(torch.device("cpu")) == tags
+    assert tags["device_name"]  # the CPU's model name: a cache hit's run says which chip computed it
 
 
 def md5(path) -> str:

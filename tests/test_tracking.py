@@ -18,12 +18,7 @@ from pipeline.tracking import provenance, runs, server
 from pipeline.tracking.evaluation_run import evaluation_run
 
 from .conftest import REPO
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .helpers.servers import free_port
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from pipeline.tracking import server as tracking_server
 from pipeline.tracking import store
 
 from .conftest import REPO, run_main, set_params, train_until_checkpoint
-from .test_tracking import free_port
+from .helpers.servers import free_port
 
 pytestmark = pytest.mark.slow
 

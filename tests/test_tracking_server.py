@@ -2,14 +2,11 @@
 
 import json
 import os
-import pwd
 import secrets
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
@@ -23,116 +20,27 @@ from mlflow import MlflowClient
 
 from pipeline import download, preprocess
 
-from .conftest import REPO, evaluations_of, run_main, sh, sh_env, stop_group, synthetic_repo
+from .conftest import REPO, evaluations_of, needed, run_main, sh, sh_env, synthetic_repo
+from .helpers import servers
+from .helpers.servers import DB_USER, postgres_bin
 from .test_sweep import write_sweep
-from .test_tracking import free_port
 
 pytestmark = pytest.mark.slow
-DB_USER = "mlflow"
-
-
-def postgres_bin() -> Path | None:
-    """Debian's server binaries (initdb, pg_ctl) live in /usr/lib/postgresql/<major>/bin."""
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
-    return found[-1].parent if found else None
-
-
-def as_db_owner(root: Path) -> dict:
-    """subprocess arguments that run PostgreSQL as `postgres` when we are root: it refuses root."""
-    if os.geteuid() != 0:
-        return {}
-    owner = pwd.getpwnam("postgres")
-    for path in [root, *root.rglob("*")]:
-        os.chown(path, owner.pw_uid, owner.pw_gid)
-    return {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []}
-
-
-def check(cmd: list[str], **kwargs) -> None:
-    result = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
-    assert result.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{result.stdout}{result.stderr}"
 
 
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[tuple[int, str]]:
     """A throwaway PostgreSQL cluster on 127.0.0.1 with a password-protected `mlflow` database."""
-    bindir = postgres_bin()
-    if bindir is None:
-        message = "PostgreSQL not found in /usr/lib/postgresql/*/bin; `apt-get install postgresql` (.ci/run does)"
-        if os.environ.get("CI"):
-            pytest.fail(message)  # CI must run this test, never skip it
-        pytest.skip(message)
-    # Not under pytest's tmp_path: its parents are 0700 root, which the postgres user cannot enter.
-    root = Path(tempfile.mkdtemp(prefix="mlflow-pg-"))
-    password = secrets.token_hex(12)
-    (root / "pwfile").write_text(password + "\n")
-    user = as_db_owner(root)
-    env = {"PATH": os.environ["PATH"], "LC_ALL": "C"}
-    check(
-        [bindir / "initdb", "-D", root / "data", "-U", DB_USER, "--pwfile", root / "pwfile", "--no-locale"]
-        + ["-E", "UTF8", "--auth-local=trust", "--auth-host=scram-sha-256", "--no-sync"],
-        env=env,
-        **user,
-    )
-    port = free_port()
-    options = f"-h 127.0.0.1 -p {port} -k {root}"  # TCP on loopback only; the socket in our folder
-    pg_ctl = [bindir / "pg_ctl", "-D", root / "data"]
-    check([*pg_ctl, "-l", root / "server.log", "-o", options, "-w", "-t", "60", "start"], env=env, **user)
-    try:
-        with closing(
-            psycopg2.connect(host="127.0.0.1", port=port, user=DB_USER, password=password, dbname="postgres")
-        ) as c:
-            c.autocommit = True  # CREATE DATABASE refuses to run inside a transaction
-            c.cursor().execute("CREATE DATABASE mlflow")
-        yield port, password
-    finally:
-        subprocess.run([*pg_ctl, "-m", "fast", "-w", "stop"], env=env, capture_output=True, **user)
-        shutil.rmtree(root, ignore_errors=True)
+    bindir = needed(postgres_bin(), "PostgreSQL not found in /usr/lib/postgresql/*/bin; `apt-get install postgresql`")
+    with servers.postgres(bindir) as found:
+        yield found
 
 
 @pytest.fixture(scope="module")
 def mlflow_server(postgres, tmp_path_factory) -> Iterator[tuple[str, Path]]:
     """`mlflow server` on PostgreSQL with proxied artifacts; yields its URI and artifact folder."""
-    pg_port, password = postgres
-    root = tmp_path_factory.mktemp("server")
-    artifacts = root / "artifacts"
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env["PGPASSWORD"] = password  # libpq reads it: the password is in no URI, no file
-    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job runner (GenAI scorers): 10 fewer processes
-    cmd = [
-        str(Path(sys.executable).parent / "mlflow"),
-        "server",
-        "--backend-store-uri",
-        # The driver named: SQLAlchemy's default for plain postgresql:// is now psycopg 3.
-        f"postgresql+psycopg2://{DB_USER}@127.0.0.1:{pg_port}/mlflow",
-        "--artifacts-destination",
-        str(artifacts),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    uri = f"http://127.0.0.1:{port}"
-    with open(root / "server.log", "w") as log:
-        server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 90  # creating the schema in PostgreSQL takes a while
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"mlflow server exited with {server.returncode}:\n{(root / 'server.log').read_text()}")
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, (root / "server.log").read_text()[-3000:]
-            time.sleep(0.5)
-        yield uri, artifacts
-    finally:
-        stop_group(server, grace=5)  # uvicorn waits for idle keep-alive clients; no need
+    with servers.mlflow_server(*postgres, tmp_path_factory.mktemp("server")) as found:
+        yield found
 
 
 def test_pipeline_logs_run_history_artifacts_and_model_to_the_server(

@@ -5,6 +5,8 @@ Its own run, because MLflow refuses to change a logged param: logging `evaluate.
 into the training run broke every re-evaluation with other values (and marked the finished training
 run FAILED). Now the training run is never reopened; each evaluation keeps its own params, metrics
 and artifacts, and the Models tab lists every evaluation of a model (MLflow 3's model-linked metrics).
+The test metrics are also logged on the training run (metrics may be logged again, params may not),
+so that the runs table compares experiments by test accuracy next to their training params.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from typing import Any
 import mlflow
 from mlflow import MlflowClient
 from mlflow.data.dataset import Dataset
-from mlflow.entities import LoggedModelInput
+from mlflow.entities import LoggedModelInput, Metric
 from mlflow.exceptions import MlflowException
+from mlflow.utils.time import get_current_time_millis
 
 from pipeline.common.errors import PipelineError
 from pipeline.tracking import datasets, runs, store, tags
@@ -28,7 +31,7 @@ from pipeline.tracking import datasets, runs, store, tags
 def evaluation_run(info: dict[str, Any]) -> Iterator[mlflow.ActiveRun]:
     """Start the evaluation of the model that the run in `info` (read_run_file) trained, as a child
     of that run; under `mlflow run` (MLFLOW_RUN_ID), log into that run instead. Ends FINISHED,
-    KILLED or FAILED; the training run is not touched."""
+    KILLED or FAILED; the training run's status and params are not touched."""
     # No URI in the file: train used the repository's own store (see save_run_file).
     store.connect(None if "MLFLOW_TRACKING_URI" in os.environ else info.get("tracking_uri"))
     model_run_id = info["run_id"]
@@ -52,10 +55,17 @@ def evaluation_run(info: dict[str, Any]) -> Iterator[mlflow.ActiveRun]:
 
 def log_linked(metrics: dict[str, float], model_run_id: str, test_set: Dataset) -> None:
     """Log the test set as an input of the active run, linked to each model `model_run_id` logged,
-    and `metrics` on those models for that dataset (datasets.log_model_metrics)."""
+    `metrics` on those models for that dataset (datasets.log_model_metrics), and on the training run."""
     run = mlflow.active_run()
-    models = MlflowClient().search_logged_models(
+    client = MlflowClient()
+    models = client.search_logged_models(
         experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{model_run_id}'"
     )
-    MlflowClient().log_inputs(run.info.run_id, models=[LoggedModelInput(m.model_id) for m in models])
+    client.log_inputs(run.info.run_id, models=[LoggedModelInput(m.model_id) for m in models])
     datasets.log_model_metrics(metrics, model_run_id, test_set)
+    if run.info.run_id != model_run_id:
+        # The training run's row in the runs table (and its chart view) compares experiments by
+        # test accuracy too. Metrics, unlike params, may be logged again: the latest evaluation
+        # is what the table shows, each one keeps its own run. The run's status is not touched.
+        now = get_current_time_millis()
+        client.log_batch(model_run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()], synchronous=True)

@@ -9,6 +9,7 @@ device_tags on a bare GPU box).
 from __future__ import annotations
 
 import os
+import platform
 from collections.abc import Mapping
 
 import torch
@@ -25,6 +26,12 @@ def device_tags(device: torch.device) -> dict[str, str]:
     """What ran the work: device, and the torch/CUDA/cuDNN versions and the GPU's driver."""
     # Threads too: the CPU's sums split across them, so equal weights need equal thread counts.
     tags = {"device": str(device), "torch_version": torch.__version__, "threads": str(torch.get_num_threads())}
+    # Where: DVC's run-cache serves a result to any machine with the same params, code and data
+    # (docs/caching.md), so the run says which machine and chip computed it.
+    tags["host"] = platform.node()
+    if device.type == "cpu":
+        tags["device_name"] = runtime.cpu_name()
+        tags["cpu_native_bf16"] = str(runtime.cpu_has_native_bf16()).lower()
     if device.type == "cuda":
         tags["cuda_version"] = str(torch.version.cuda)
         tags["cudnn_version"] = str(torch.backends.cudnn.version())
