@@ -37,7 +37,10 @@ from pipeline.tracking.tags import device_tags  # torch only: no MLflow on a bar
 
 SPLITS = ("train", "val", "test")
 PACKED = Path(".cache/gpu_data")
-CPU_RESULT = Path("reports/metrics.json")  # the committed default run, trained on the CPU
+CPU_RESULT = Path("reports/metrics.json")  # the default run trained on this checkout's CPU (`make repro`), if there
+# Else the default run as measured on a 2-core AMD EPYC in fp32 (`make repro`, 2026-12-05): reports/
+# is DVC-cached, not in git (docs/caching.md), so a fresh clone on a GPU box has no metrics file.
+CPU_REFERENCE = 0.9880
 TOLERANCE_POINTS = 0.5  # docs/running-anywhere.md, "What is deterministic": CPU vs CUDA test accuracy
 TUTORIAL = (ModelConfig(), TrainConfig())  # params.yaml's defaults: 10 epochs, batch 64
 FAST = (
@@ -124,14 +127,20 @@ def tutorial(data: dict, device: torch.device, epochs: int | None) -> dict:
     }
 
 
+def cpu_reference() -> tuple[float, str]:
+    """The CPU's test accuracy of the default run, and where it comes from."""
+    if CPU_RESULT.is_file():
+        return json.loads(CPU_RESULT.read_text())["test_accuracy"], f"{CPU_RESULT} (the default run, trained here)"
+    return CPU_REFERENCE, "the default run on a 2-core CPU (bench/gpu_check.py's CPU_REFERENCE)"
+
+
 def cpu_agreement(result: dict, data: dict, cpu_epochs: int | None, tiny: bool = False) -> dict:
     """The CUDA run's test accuracy against the CPU's: a rerun with the same seed, or the committed one."""
     if cpu_epochs:
         cpu = tutorial(data, torch.device("cpu"), cpu_epochs)
         reference, source = cpu["test_accuracy"], f"CPU rerun here ({cpu_epochs} epochs, same seed)"
     else:
-        reference = json.loads(CPU_RESULT.read_text())["test_accuracy"]
-        source = f"{CPU_RESULT} (the committed default run, trained on a CPU)"
+        reference, source = cpu_reference()
     diff = 100 * abs(result["test_accuracy"] - reference)
     return {
         "reference": source,
