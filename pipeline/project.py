@@ -45,6 +45,24 @@ def check(*cmd: str) -> None:
         raise PipelineError(f"`{' '.join(cmd)}` failed (exit {code})")
 
 
+def team_cache(dvc_remote: str | None) -> bool:
+    """Whether to run with the team's cache: a default DVC remote whose run-cache can be fetched now.
+    One that cannot (unreachable, refused, no credentials) is one warning, and the pipeline runs
+    without it: `dvc exp run --pull` would stop at it before any stage."""
+    if dvc_remote is None:
+        return False
+    from dvc.repo import Repo  # the fetch that `dvc exp run --pull` starts with, by DVC itself
+
+    try:
+        with Repo() as repo:
+            repo.stage_cache.pull(None)
+    except Exception as e:  # any remote's error, in DVC's words, on one line
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        log.warning("DVC remote '%s' cannot be read (%s): running without the team's cache", dvc_remote, reason)
+        return False
+    return True
+
+
 def run_experiment(name: str, sets: list[str], pull: bool, force: bool) -> None:
     """The data stages as needed; train and evaluate restored from the run-cache unless `force`."""
     pulling = ["--pull"] if pull else []  # the team's data and runs, from the DVC remote
@@ -110,7 +128,7 @@ def main() -> None:
         raise PipelineError("no experiment name: run under `mlflow run` (MLFLOW_RUN_ID) or pass --name")
     origin, dvc_remote = remotes()
     sets = [flag for value in args.set_param for flag in ("-S", value)]
-    run_experiment(name, sets, pull=dvc_remote is not None, force=args.force == "true")
+    run_experiment(name, sets, pull=team_cache(dvc_remote), force=args.force == "true")
     if run_id:
         note_cache_hit(run_id, name)
     if args.push == "true":

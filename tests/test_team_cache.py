@@ -60,6 +60,10 @@ def team(tmp_path_factory) -> Team:
         sh(repo, "dvc", "remote", "add", "ssh", f"ssh://{getpass.getuser()}@127.0.0.1:{ssh_port}{root}/ssh-remote")
         sh(repo, "git", "commit", "-qam", "the team's DVC remotes")
         sh(root, "git", "clone", "-q", "--bare", str(repo), str(root / "git/origin.git"))
+        # The same project whose default DVC remote cannot be reached (nothing listens on port 1).
+        sh(repo, "dvc", "remote", "add", "--default", "gone", f"ssh://{getpass.getuser()}@127.0.0.1:1/srv/dvc")
+        sh(repo, "git", "commit", "-qam", "a DVC remote that is gone")
+        sh(root, "git", "clone", "-q", "--bare", str(repo), str(root / "git/gone.git"))
         yield Team(root, f"{origin}origin.git", f"{read_only}origin.git", tracking_uri, key)
 
 
@@ -157,11 +161,16 @@ def test_mlflow_run_from_a_git_uri_comes_back_to_the_team(team, alice) -> None:
     )
 
 
-def test_a_refused_push_is_one_warning_and_loses_nothing(team) -> None:
-    out = mlflow_run(team, team.read_only_origin, "epochs=1", "lr=0.003")
+def test_remotes_that_refuse_are_one_warning_each_and_lose_nothing(team) -> None:
+    """A git origin that refuses the push, a DVC remote that cannot be reached: the run trains,
+    logs and ends FINISHED; each remote is one warning."""
+    out = mlflow_run(team, team.read_only_origin.replace("origin.git", "gone.git"), "epochs=1", "lr=0.003")
     assert TRAINED in out
+    unread = [line for line in out.splitlines() if "cannot be read" in line]
+    assert len(unread) == 1 and "DVC remote 'gone'" in unread[0], out[-3000:]
     warnings = [line for line in out.splitlines() if "could not push experiment" in line]
-    assert len(warnings) == 1 and "dvc exp push --run-cache origin" in warnings[0], out[-3000:]
+    assert len(warnings) == 1 and "dvc exp push --no-cache origin" not in warnings[0], out[-3000:]
+    assert "dvc exp push --run-cache origin" in warnings[0]
     run = newest_run(team)
     assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
     models = MlflowClient(team.tracking_uri).search_logged_models(experiment_ids=[run.info.experiment_id])
