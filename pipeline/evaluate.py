@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from pipeline.common.errors import DataError, run_stage
 from pipeline.common.files import atomic_path, check_writable, write_json
 from pipeline.core.checkpoint import load_model
-from pipeline.core.engine import predict
+from pipeline.core.inference import predict
 from pipeline.core.runtime import pick_device
 from pipeline.data.datasets import read_info
 from pipeline.data.splits import IMAGE_SIZE, NUM_CLASSES, load_split

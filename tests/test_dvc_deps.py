@@ -24,10 +24,23 @@ def module_file(name: str) -> Path | None:
     return path.with_suffix(".py") if path.with_suffix(".py").is_file() else path / "__init__.py"
 
 
+def nodes(tree: ast.AST):
+    """Every node of the tree, like ast.walk, but not inside `if TYPE_CHECKING:` (hints only, never run)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            todo.extend(node.orelse)
+            continue
+        todo.extend(ast.iter_child_nodes(node))
+
+
 def imported(path: Path) -> set[Path]:
-    """The package's files that `path` imports, at any depth of the file (lazy imports too)."""
+    """The package's files that `path` imports, at any depth of the file (lazy imports too), except
+    type hints' imports under `if TYPE_CHECKING:`."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in nodes(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -79,3 +92,7 @@ def test_the_closure_follows_lazy_imports_and_files_used_by_path() -> None:
     assert "pipeline/serving/pyfunc_code.py" in train  # logged by path with the classifier
     assert "pipeline/parallel/launch.py" in train
     assert "pipeline/sweep/study.py" not in train  # the sweep is not part of the pipeline
+    # Type hints are not code that runs: evaluate holds no training, DDP or CUDA-graph code, so a
+    # change there leaves every evaluation's run-cache entry valid.
+    evaluate = closure("pipeline.evaluate")
+    assert not {p for p in evaluate if p.startswith("pipeline/parallel/")} and "pipeline/core/engine.py" not in evaluate

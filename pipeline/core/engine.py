@@ -14,6 +14,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from pipeline.common.errors import PipelineError
+from pipeline.core.inference import predict
 from pipeline.core.model import build_model
 from pipeline.core.runtime import autocast_dtype, make_deterministic
 from pipeline.parallel import distributed, graphs
@@ -147,13 +148,6 @@ def train_one_epoch(
 # Inference batch of the per-epoch validation: larger is no faster on a CPU, and each 1000 images
 # cost about 100 MB per activation of the tutorial network.
 EVAL_BATCH_SIZE = 256
-
-
-@torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Logits (N, 10) for images (N, 1, 28, 28), in order, computed in batches."""
-    model.eval()
-    return torch.cat([model(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
 
 
 def evaluate(

@@ -55,3 +55,12 @@ def prepare(net: torch.nn.Module, precision: str | None = None, channels_last: b
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     return Inference(net, autocast_dtype(precision_setting(precision), device), channels_last)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Logits (N, 10) for images (N, 1, 28, 28), in order, computed in batches. Here, not beside
+    the training loop: evaluate needs this alone, and its DVC deps (the run-cache key) then hold no
+    training or DDP code."""
+    model.eval()
+    return torch.cat([model(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])

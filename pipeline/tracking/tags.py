@@ -11,11 +11,14 @@ from __future__ import annotations
 import os
 import platform
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
 from pipeline.core import runtime
-from pipeline.parallel.distributed import World
+
+if TYPE_CHECKING:  # a type hint only: tracking imports no training code
+    from pipeline.parallel.distributed import World
 
 # MLflow's reserved tags (mlflow.utils.mlflow_tags), spelled out so that this module loads without MLflow.
 PARENT_RUN_ID = "mlflow.parentRunId"  # nests a run under another in the UI
