@@ -17,11 +17,11 @@ from pipeline.common.errors import PipelineError, run_stage
 from pipeline.serving.champion import resolve
 from pipeline.serving.server import ENV, ServeSettings, settings_env
 
-# Measured defaults (bench/serve_results.json, docs/performance.md): a batch of 64 images is where the
-# network's images/s levels off on 2 cores, and 2 ms of waiting merges 8 clients' single images
-# without raising a lone request's latency much.
+# Defaults measured with `python -m bench.serve_load` (docs/performance.md, "The batching server"): no
+# wait beyond one turn of the event loop did as well as 0.5 and 2 ms with 8 clients (the network's own
+# time lets the next batch fill), and a lone request then waits for nothing.
 MAX_IMAGES = 64
-MAX_WAIT_MS = 2.0
+MAX_WAIT_MS = 0.0
 MAX_BODY_MB = 16.0  # 256 images as pretty-printed float JSON stay well under it
 POLL_S = 10.0
 

@@ -65,13 +65,15 @@ class Batcher:
         """The next batch: the first request, then those waiting or arriving within max_wait_s."""
         items = [self.held or await self.queue.get()]
         self.held = None
-        images, waited = len(items[0][0]), self.limits.max_wait_s == 0
+        images, loop = len(items[0][0]), asyncio.get_running_loop()
+        await asyncio.sleep(0)  # one turn of the event loop: requests already read join without waiting
+        deadline = loop.time() + self.limits.max_wait_s
         while images < self.limits.max_images:
             if self.queue.empty():
-                if waited:
+                left = deadline - loop.time()
+                if left <= 0:
                     break
-                await asyncio.sleep(self.limits.max_wait_s)  # once, then take what came meanwhile
-                waited = True
+                await asyncio.sleep(left)  # then take what came meanwhile
                 continue
             item = self.queue.get_nowait()
             if images + len(item[0]) > self.limits.max_images:
