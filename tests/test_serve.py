@@ -25,7 +25,7 @@ import torch
 from mlflow.pyfunc import scoring_server
 
 from bench import serve_load
-from pipeline.serving.batching import Batcher, BatchLimits
+from pipeline.serving.batching import INLINE_IMAGES, Batcher, BatchLimits
 from pipeline.serving.pyfunc import PIXELS, to_batch
 from pipeline.serving.server import BadRequest, ServeSettings, from_body
 
@@ -107,16 +107,20 @@ def test_concurrent_requests_become_one_call_within_the_cap() -> None:
         return x.flatten(1)[:, :1].numpy(), "v1"  # each image's first pixel: which answer went to whom
 
     async def main() -> list:
-        batcher = Batcher(run, BatchLimits(max_images=6, max_wait_s=0.005))
+        batcher = Batcher(run, BatchLimits(max_images=24, max_wait_s=0.005))
         batcher.start()
-        requests = [torch.full((1 + i % 3, 1, 28, 28), float(i)) for i in range(12)]  # 24 images
-        answers = await asyncio.gather(*(batcher.submit(x) for x in requests))
+        sizes = [1, 2, 3] * 4 + [20, 20]  # 24 + 40 images: small batches run in the loop, big ones in the thread
+        requests = [torch.full((n, 1, 28, 28), float(i)) for i, n in enumerate(sizes)]
+        alone = torch.full((2, 1, 28, 28), -1.0)
+        answers = [await batcher.submit(alone)]  # nobody to join it: a batch of 2
+        answers += await asyncio.gather(*(batcher.submit(x) for x in requests))
         await batcher.stop()
-        return list(zip(requests, answers, strict=True))
+        return list(zip([alone, *requests], answers, strict=True))
 
     for x, (probs, tag) in asyncio.run(main()):
         assert tag == "v1" and probs.shape == (len(x), 1) and (probs == x[0, 0, 0, 0].item()).all()
-    assert sum(calls) == 24 and max(calls) <= 6 and len(calls) <= 6  # merged, never over the cap
+    assert calls[0] == 2 and sum(calls) == 66 and max(calls) <= 24 and len(calls) <= 6  # merged, never over the cap
+    assert max(calls) > INLINE_IMAGES and min(calls) <= INLINE_IMAGES  # both ways of running one
 
 
 def test_a_failed_batch_fails_its_requests_and_the_next_batch_runs() -> None:
