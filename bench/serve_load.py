@@ -379,6 +379,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30, help="measured seconds per batch size and server")
     parser.add_argument("--warmup", type=float, default=3, help="seconds of load before each measurement")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; each row keeps its best")
+    parser.add_argument(
+        "--bodies", nargs="+", choices=list(CONTENT_TYPES), default=list(CONTENT_TYPES), help="of pipeline.serve"
+    )
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64], help="images per request")
     parser.add_argument("--out", type=Path, default=OUT, help="results file")
@@ -403,7 +406,7 @@ def main() -> None:
         for n, extra in itertools.product(args.batching_workers, args.batching_args):
             log = Path(tmp) / f"batching-{n}-{len(servers)}.log"
             server = stack.enter_context(serve(args.model, log, workers=n, batching=shlex.split(extra)))
-            for kind in CONTENT_TYPES:
+            for kind in args.bodies:
                 servers[" ".join(f"batching: pipeline.serve --workers {n} {extra}".split()) + f", {kind}"] = (
                     server,
                     log,
