@@ -38,9 +38,12 @@ def main() -> None:
     parser.add_argument("--poll-s", type=float, default=POLL_S, help="seconds between reads of the alias (0: never)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    settings = ServeSettings(
-        args.model, args.workers, args.max_images, args.max_wait_ms, args.max_body_mb, args.poll_s
-    )  # checked here, before any worker starts
+    try:  # checked here, before any worker starts
+        settings = ServeSettings(
+            args.model, args.workers, args.max_images, args.max_wait_ms, args.max_body_mb, args.poll_s
+        )
+    except ValueError as e:
+        parser.error(str(e))
     try:
         fixed, _ = resolve(args.model)  # a missing model or alias: one line here, not a traceback per worker
     except MlflowException as e:

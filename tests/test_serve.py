@@ -94,8 +94,10 @@ def test_bodies_that_are_not_images_are_refused_with_a_status_and_a_reason(body,
 def test_settings_are_checked_with_their_names() -> None:
     with pytest.raises(ValueError, match="--workers must be at least 1, got 0"):
         ServeSettings(CHAMPION, 0, 64, 2, 16, 10)
-    with pytest.raises(ValueError, match=r"max_wait_s must lie in \[0, 1\] seconds, got 5"):
+    with pytest.raises(ValueError, match=r"--max-wait-ms must be in \[0, 1000\], got 5000"):
         ServeSettings(CHAMPION, 1, 64, 5000, 16, 10)
+    with pytest.raises(ValueError, match=r"--poll-s must be 0 \(never\) or more, got -1"):
+        ServeSettings(CHAMPION, 1, 64, 0, 16, -1)
 
 
 def test_concurrent_requests_become_one_call_within_the_cap() -> None:
@@ -219,6 +221,18 @@ def test_the_server_answers_every_body_as_the_classifier_does_in_process(served,
     for path, body in [("/ping", "\n"), ("/health", "\n"), ("/version", mlflow.__version__)]:  # as MLflow answers
         status, text = serve_load.request(server, b"", method="GET", path=path)
         assert status == 200 and text.decode() == body
+
+
+@pytest.mark.slow
+def test_the_command_refuses_bad_settings_and_a_missing_alias_in_one_line(trained, tmp_path) -> None:
+    registry = tmp_path / "mlflow.db"
+    shutil.copy(trained / "mlflow.db", registry)
+    bad = start(registry, tmp_path / "bad.log", "--workers", "0")
+    missing = start(registry, tmp_path / "missing.log", "--model", "models:/mnist-cnn@nope")
+    assert bad.wait(60) == 2 and "--workers must be at least 1, got 0" in (tmp_path / "bad.log").read_text()
+    assert missing.wait(60) == 1
+    said = (tmp_path / "missing.log").read_text()
+    assert "error: cannot serve models:/mnist-cnn@nope: " in said and "Traceback" not in said, said
 
 
 def send_raw(server: serve_load.Server, start: bytes, chunks: list[bytes]) -> bytes:

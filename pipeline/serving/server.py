@@ -53,12 +53,16 @@ class ServeSettings:
     poll_s: float  # between reads of the alias; 0: never
 
     def __post_init__(self) -> None:
-        for key in ("workers", "max_images"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(self, key)}")
-        if self.max_body_mb <= 0 or self.poll_s < 0:
-            raise ValueError(f"--max-body-mb must be positive and --poll-s >= 0, got {self.max_body_mb}, {self.poll_s}")
-        BatchLimits(self.max_images, self.max_wait_ms / 1000)  # its own checks
+        checks = {
+            "workers": (self.workers >= 1, "at least 1"),
+            "max_images": (self.max_images >= 1, "at least 1"),
+            "max_wait_ms": (0 <= self.max_wait_ms <= 1000, "in [0, 1000]"),
+            "max_body_mb": (self.max_body_mb > 0, "positive"),
+            "poll_s": (self.poll_s >= 0, "0 (never) or more"),
+        }
+        for key, (ok, expected) in checks.items():
+            if not ok:
+                raise ValueError(f"--{key.replace('_', '-')} must be {expected}, got {getattr(self, key)}")
 
 
 class BadRequest(Exception):
