@@ -46,6 +46,13 @@ def npy(x: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def npy_head(shape: tuple[int, ...]) -> bytes:
+    """A .npy header declaring a float64 array of `shape`, as np.save writes it."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "<f8", "fortran_order": False, "shape": shape})
+    return buffer.getvalue()
+
+
 def bodies(x: np.ndarray) -> dict[str, tuple[bytes, str]]:
     """The same images in every body the server takes: {name: (body, content type)}."""
     flat = x.reshape(len(x), PIXELS)
@@ -83,6 +90,7 @@ def test_every_body_gives_the_classifier_the_same_images() -> None:
         (b"not npy", "application/x-npy", 400, "not a .npy array"),
         (npy(np.array([{"a": 1}], dtype=object)), "application/x-npy", 400, "not a .npy array"),  # no unpickling
         (b"\xff\xfe", "text/csv", 400, "not CSV"),
+        (npy_head((10**9, 784)) + b"\x00" * 64, "application/x-npy", 400, "more than the body holds"),
     ],
 )
 def test_bodies_that_are_not_images_are_refused_with_a_status_and_a_reason(body, content_type, status, message):

@@ -15,6 +15,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
@@ -97,6 +98,24 @@ def from_json(body: bytes):
     return data if isinstance(data, list | dict) else np.asarray(data)
 
 
+def from_npy(body: bytes) -> np.ndarray:
+    """A .npy body -> its array, its header checked first: numpy allocates what the header declares."""
+    buffer = io.BytesIO(body)
+    try:
+        version = np.lib.format.read_magic(buffer)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in read_header:
+            raise ValueError(f".npy format version {version} (1.0 or 2.0 expected)")
+        shape, _, dtype = read_header[version](buffer)
+        if dtype.hasobject:  # would need unpickling
+            raise ValueError("an array of Python objects")
+        if math.prod(shape) * dtype.itemsize > len(body):
+            raise ValueError(f"its header declares {shape} {dtype}, more than the body holds")
+        return np.load(io.BytesIO(body), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise BadRequest(400, f"the body is not a .npy array: {one_line(e)}") from None
+
+
 def from_body(body: bytes, content_type: str):
     """Any accepted body -> what the classifier's predict receives; BadRequest for anything else."""
     mime, *parameters = [p.strip().lower() for p in content_type.split(";")]
@@ -111,10 +130,7 @@ def from_body(body: bytes, content_type: str):
         except (ValueError, UnicodeDecodeError) as e:  # pandas' ParserError and EmptyDataError are ValueErrors
             raise BadRequest(400, f"the body is not CSV with a header row: {one_line(e)}") from None
     if mime == "application/x-npy":
-        try:
-            return np.load(io.BytesIO(body), allow_pickle=False)  # no object arrays: nothing is unpickled
-        except (ValueError, OSError, EOFError) as e:
-            raise BadRequest(400, f"the body is not a .npy array: {one_line(e)}") from None
+        return from_npy(body)
     if mime == "application/octet-stream":
         if not body or len(body) % PIXELS:
             raise BadRequest(400, f"a raw body holds N x {PIXELS} uint8 pixels (N 28x28 images), got {len(body)} bytes")
