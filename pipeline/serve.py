@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 
 import uvicorn
 from mlflow.exceptions import MlflowException
 
 from pipeline.common.errors import PipelineError, run_stage
 from pipeline.serving.champion import resolve
-from pipeline.serving.server import ENV, ServeSettings, settings_env
+from pipeline.serving.settings import ServeSettings
 
 # Defaults measured with `python -m bench.serve_load` (docs/performance.md, "The batching server"): no
 # wait beyond one turn of the event loop did as well as 0.5 and 2 ms with 8 clients (the network's own
@@ -49,7 +48,7 @@ def main() -> None:
     except MlflowException as e:
         raise PipelineError(f"cannot serve {args.model}: {e.message}") from None
     logging.getLogger("pipeline.serve").info("%s is %s; starting %d worker(s)", args.model, fixed, args.workers)
-    os.environ[ENV] = settings_env(settings)  # each worker process builds its app from it
+    settings.to_env()  # each worker process builds its app from it
     uvicorn.run(
         "pipeline.serving.server:app_from_env",
         factory=True,

@@ -1,37 +1,19 @@
-"""The model a server runs, and following the registry's alias: load a version, notice when the alias moves."""
+"""Following the registry's alias: which version it points at, read again and again. MLflow only: the command's
+own process uses it too, before any worker loads torch."""
 
 from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
 
 import mlflow
-import numpy as np
-import torch
 from mlflow import MlflowClient
 
 from pipeline.common.errors import redact
-from pipeline.core.inference import Inference
-from pipeline.data.splits import IMAGE_SIZE
 
 log = logging.getLogger("pipeline.serving.champion")
 
 ALIASED = re.compile(r"models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)")
-
-
-@dataclass(frozen=True)
-class Served:
-    """A loaded `classifier`: its network as the pyfunc runs it, its class names, and which model it is."""
-
-    inference: Inference
-    classes: np.ndarray  # (10,) object: the class name of each index
-    version: str  # the registry version ("3"), or the URI for a model that is not from the registry
-    uri: str
-
-    def probabilities(self, x: torch.Tensor) -> tuple[np.ndarray, Served]:
-        """Raw pixels (N, 1, 28, 28) -> (probabilities (N, 10) float32, self): what the batcher runs."""
-        return self.inference.probabilities(x).numpy(), self
 
 
 def resolve(uri: str) -> tuple[str, str]:
@@ -42,16 +24,6 @@ def resolve(uri: str) -> tuple[str, str]:
     if m := re.fullmatch(r"models:/([^/@]+)/(\d+)", uri):
         return uri, m[2]
     return uri, uri
-
-
-def load(uri: str, max_images: int) -> Served:
-    """Load the `classifier` behind `uri` (an alias is resolved first) and warm it up at the batch sizes it will see."""
-    fixed, version = resolve(uri)
-    python_model = mlflow.pyfunc.load_model(fixed).unwrap_python_model()  # a DigitClassifier: load_context ran
-    served = Served(python_model.inference, python_model.classes, version, fixed)
-    for n in sorted({1, max_images}):  # the first call of a size builds oneDNN's kernels: not in a request
-        served.probabilities(torch.zeros(n, 1, IMAGE_SIZE, IMAGE_SIZE))
-    return served
 
 
 class AliasWatch:

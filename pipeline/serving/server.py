@@ -18,8 +18,9 @@ import logging
 import math
 import os
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
+import mlflow
 import numpy as np
 import pandas as pd
 import torch
@@ -30,40 +31,42 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from pipeline.core.inference import Inference
+from pipeline.data.splits import IMAGE_SIZE
 from pipeline.serving.batching import Batcher, BatchLimits
-from pipeline.serving.champion import AliasWatch, Served, load, one_line
+from pipeline.serving.champion import AliasWatch, one_line, resolve
 from pipeline.serving.pyfunc import PIXELS, PROBABILITIES, cores, to_batch
+from pipeline.serving.settings import ServeSettings
 
 log = logging.getLogger("pipeline.serving.server")
 
-ENV = "PIPELINE_SERVE_SETTINGS"  # how `python -m pipeline.serve` hands its settings to uvicorn's workers
 FORMATS = ("dataframe_split", "dataframe_records", "instances", "inputs")  # MLflow's JSON keys, exactly one
 TYPES = "application/json, text/csv, application/x-npy or application/octet-stream (N x 784 uint8 pixels)"
 VERSION_HEADER = "X-Model-Version"
 
 
 @dataclass(frozen=True)
-class ServeSettings:
-    """What `python -m pipeline.serve` was asked for; each worker process reads it from $PIPELINE_SERVE_SETTINGS."""
+class Served:
+    """A loaded `classifier`: its network as the pyfunc runs it, its class names, and which model it is."""
 
-    model: str
-    workers: int
-    max_images: int  # per call of the network
-    max_wait_ms: float  # for more requests to join a call
-    max_body_mb: float  # bigger bodies are refused (413) before they are read
-    poll_s: float  # between reads of the alias; 0: never
+    inference: Inference
+    classes: np.ndarray  # (10,) object: the class name of each index
+    version: str  # the registry version ("3"), or the URI for a model that is not from the registry
+    uri: str
 
-    def __post_init__(self) -> None:
-        checks = {
-            "workers": (self.workers >= 1, "at least 1"),
-            "max_images": (self.max_images >= 1, "at least 1"),
-            "max_wait_ms": (0 <= self.max_wait_ms <= 1000, "in [0, 1000]"),
-            "max_body_mb": (self.max_body_mb > 0, "positive"),
-            "poll_s": (self.poll_s >= 0, "0 (never) or more"),
-        }
-        for key, (ok, expected) in checks.items():
-            if not ok:
-                raise ValueError(f"--{key.replace('_', '-')} must be {expected}, got {getattr(self, key)}")
+    def probabilities(self, x: torch.Tensor) -> tuple[np.ndarray, Served]:
+        """Raw pixels (N, 1, 28, 28) -> (probabilities (N, 10) float32, self): what the batcher runs."""
+        return self.inference.probabilities(x).numpy(), self
+
+
+def load(uri: str, max_images: int) -> Served:
+    """Load the `classifier` behind `uri` (an alias is resolved first) and warm it up at the batch sizes it will see."""
+    fixed, version = resolve(uri)
+    python_model = mlflow.pyfunc.load_model(fixed).unwrap_python_model()  # a DigitClassifier: load_context ran
+    served = Served(python_model.inference, python_model.classes, version, fixed)
+    for n in sorted({1, max_images}):  # the first call of a size builds oneDNN's kernels: not in a request
+        served.probabilities(torch.zeros(n, 1, IMAGE_SIZE, IMAGE_SIZE))
+    return served
 
 
 class BadRequest(Exception):
@@ -183,9 +186,12 @@ class Server:
     async def invocations(self, request: Request) -> Response:
         content_type = request.headers.get("content-type")
         try:
+            # The body is read before any refusal but 413: a connection closed on unread bytes is reset, and
+            # the client may then never see the answer.
+            body = await self.read(request)
             if not content_type:  # MLflow answers 500 to this
                 raise BadRequest(415, f"no Content-Type header: send {TYPES}")
-            x = to_batch(from_body(await self.read(request), content_type))  # (N, 1, 28, 28): the classifier's checks
+            x = to_batch(from_body(body, content_type))  # (N, 1, 28, 28): the classifier's checks
         except BadRequest as e:
             headers = {"Connection": "close"} if e.status == 413 else {}  # the rest of the body is not read
             return error(e.status, str(e), **headers)
@@ -256,8 +262,4 @@ def create_app(settings: ServeSettings) -> Starlette:
 def app_from_env() -> Starlette:
     """uvicorn's factory in each worker process: the settings from $PIPELINE_SERVE_SETTINGS."""
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    return create_app(ServeSettings(**json.loads(os.environ[ENV])))
-
-
-def settings_env(settings: ServeSettings) -> str:
-    return json.dumps(asdict(settings))
+    return create_app(ServeSettings.from_env())
