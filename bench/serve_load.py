@@ -1,14 +1,18 @@
-"""Load on the served model: `mlflow models serve` on 127.0.0.1 driven by concurrent clients.
+"""Load on the served model: `mlflow models serve` and the batching server (`python -m pipeline.serve`)
+on 127.0.0.1, driven by concurrent clients.
 
     python -m bench.serve_load                          # models:/mnist-cnn@champion, 8 clients, 30 s per batch size
     python -m bench.serve_load --seconds 5 --model runs:/<run_id>/classifier --baseline runs:/<old>/classifier
+    python -m bench.serve_load --workers --batching-workers 2 --seconds 120 --rounds 1   # the batching server alone
 
-One server per `--workers` count (1 and 2), all started first. In each of `--rounds` rounds, for
+One `mlflow models serve` per `--workers` count (1 and 2) and one batching server per
+`--batching-workers` count (2), sent JSON and .npy bodies, all started first. In each of `--rounds` rounds, for
 each batch size (1 and 64 images), it measures the ceiling (the served network alone, in this
 process, on every core), then each server in turn: the clients send requests back to back for
 `--seconds` after a warm-up. A row reports images/s, p50/p99 latency, errors, and the resident
 memory of the server's processes at the start and end; each row is its best round by images/s,
-so the machine's other load moves the rows of one run alike. Prints a table and writes
+so the machine's other load moves the rows of one run alike. `ratios` sets each server's images/s
+against the best network-alone row of the same batch size. Prints a table and writes
 bench/serve_results.json. MLFLOW_TRACKING_URI as for the pipeline (default sqlite:///mlflow.db).
 The clients run on the same machine as the server and take part of its CPU.
 """
@@ -19,9 +23,12 @@ import argparse
 import contextlib
 import functools
 import http.client
+import io
+import itertools
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -38,10 +45,13 @@ import numpy as np
 import psutil
 
 from bench.benchmark import cpu_model
+from pipeline.core.runtime import cpu_has_native_bf16
 from pipeline.serving.pyfunc import cores
 
 OUT = Path(__file__).with_name("serve_results.json")
+REPO = Path(__file__).resolve().parents[1]
 BODIES = 4  # distinct request bodies per batch size, sent in turn
+CONTENT_TYPES = {"json": "application/json", "npy": "application/x-npy"}
 
 
 @dataclass
@@ -83,24 +93,36 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serve(
-    model_uri: str, log: Path, env: dict[str, str] | None = None, timeout: float = 120, workers: int = 1
+    model_uri: str,
+    log: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+    workers: int = 1,
+    batching: list[str] | None = None,
 ) -> Iterator[Server]:
-    """`mlflow models serve --workers N` of `model_uri` on a free port of 127.0.0.1, stopped with its workers."""
+    """`mlflow models serve --workers N` of `model_uri` on a free port of 127.0.0.1, stopped with its workers;
+    with `batching` (its extra arguments, maybe none), `python -m pipeline.serve --workers N` instead."""
     port = free_port()
     environ = {**os.environ, **(env or {})}
-    # mlflow starts `uvicorn` by name: the venv's bin goes first on PATH.
+    # mlflow starts `uvicorn` by name: the venv's bin goes first on PATH; pipeline.serve runs from this repo.
     environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environ.get('PATH', '')}"
-    cmd = ["mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
-    cmd += ["--workers", str(workers)]
+    environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), environ.get("PYTHONPATH")) if p)
+    if batching is None:
+        cmd = ["mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local", "-h", "127.0.0.1"]
+        up = "Application startup complete"
+    else:
+        cmd = [sys.executable, "-m", "pipeline.serve", "--model", model_uri, "--host", "127.0.0.1", *batching]
+        up = "pipeline.serving.server: serving"  # each worker's line once its model is loaded
+    cmd += ["-p" if batching is None else "--port", str(port), "--workers", str(workers)]
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, env=environ, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     server = Server(f"http://127.0.0.1:{port}", "127.0.0.1", port, proc, log)
     try:
         deadline = time.monotonic() + timeout
         # Up when every worker has loaded the model: with several, the first answers /ping before the others.
-        while not ping(server) or log.read_text().count("Application startup complete") < workers:
+        while not ping(server) or log.read_text().count(up) < workers:
             if proc.poll() is not None:
-                raise RuntimeError(f"mlflow models serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+                raise RuntimeError(f"{' '.join(cmd[:3])} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"server not up in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
@@ -143,20 +165,28 @@ def request(
             c.close()
 
 
-def bodies(batch: int, seed: int = 0) -> list[bytes]:
-    """JSON requests of `batch` random uint8 28x28 images: a CNN's work does not depend on the pixels."""
+def bodies(batch: int, seed: int = 0, kind: str = "json") -> list[bytes]:
+    """Requests of `batch` random uint8 28x28 images, as JSON or .npy: a CNN's work does not depend on the pixels."""
     rng = np.random.default_rng(seed)
-    return [json.dumps({"inputs": rng.integers(0, 256, (batch, 28, 28)).tolist()}).encode() for _ in range(BODIES)]
+    images = [rng.integers(0, 256, (batch, 28, 28)).astype(np.uint8) for _ in range(BODIES)]
+    if kind == "json":
+        return [json.dumps({"inputs": x.tolist()}).encode() for x in images]
+    out = []
+    for x in images:
+        buffer = io.BytesIO()
+        np.save(buffer, x)
+        out.append(buffer.getvalue())
+    return out
 
 
-def client(server: Server, batch: int, payloads: list[bytes], until: float, out: dict) -> None:
+def client(server: Server, batch: int, payloads: list[bytes], until: float, out: dict, kind: str = "json") -> None:
     """Send requests back to back until `until`; append latencies (s) and errors to `out`."""
     conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
     i = 0
     while time.perf_counter() < until:
         start = time.perf_counter()
         try:
-            status, data = request(server, payloads[i % len(payloads)], conn=conn)
+            status, data = request(server, payloads[i % len(payloads)], CONTENT_TYPES[kind], conn=conn)
             if status != 200:
                 raise ValueError(f"HTTP {status}: {data[:200]!r}")
             if len(json.loads(data)["predictions"]) != batch:
@@ -170,13 +200,16 @@ def client(server: Server, batch: int, payloads: list[bytes], until: float, out:
     conn.close()
 
 
-def drive(server: Server, batch: int, clients: int, seconds: float) -> tuple[dict, float, list[tuple[float, float]]]:
+def drive(
+    server: Server, batch: int, clients: int, seconds: float, kind: str = "json"
+) -> tuple[dict, float, list[tuple[float, float]]]:
     """`clients` threads sending batches for `seconds`: ({latencies, errors}, elapsed s, [(s, server RSS MB)])."""
-    payloads = bodies(batch)
+    payloads = bodies(batch, kind=kind)
     out: dict = {"latencies": [], "errors": []}
     start = time.perf_counter()
+    until = start + seconds
     threads = [
-        threading.Thread(target=client, args=(server, batch, payloads, start + seconds, out)) for _ in range(clients)
+        threading.Thread(target=client, args=(server, batch, payloads, until, out, kind)) for _ in range(clients)
     ]
     for t in threads:
         t.start()
@@ -189,17 +222,18 @@ def drive(server: Server, batch: int, clients: int, seconds: float) -> tuple[dic
     return out, time.perf_counter() - start, rss
 
 
-def load(server: Server, batch: int, clients: int, seconds: float, warmup: float) -> dict:
-    """Batches of `batch` images from `clients` at once for `warmup` s, then measured for `seconds`."""
-    drive(server, batch, clients, warmup)  # first requests of a size grow the allocator's pools
+def load(server: Server, batch: int, clients: int, seconds: float, warmup: float, kind: str = "json") -> dict:
+    """Batches of `batch` images (JSON or .npy) from `clients` at once for `warmup` s, then measured for `seconds`."""
+    drive(server, batch, clients, warmup, kind)  # first requests of a size grow the allocator's pools
     rss_start = server.rss_mb()
-    out, elapsed, rss = drive(server, batch, clients, seconds)
+    out, elapsed, rss = drive(server, batch, clients, seconds, kind)
     t, mb = np.array(rss).T
     slope = np.polyfit(t, mb, 1)[0] * 60 if len(t) > 2 else 0.0  # MB per minute: a leak shows as a steady rise
     lat = np.array(out["latencies"]) * 1000  # ms
     n = len(lat)
     return {
         "batch": batch,
+        "body": kind,
         "clients": clients,
         "seconds": round(elapsed, 2),
         "requests": n,
@@ -282,7 +316,7 @@ def in_process(model_uri: str, workers: list[int], seconds: float) -> dict[str, 
 
     # One ceiling per thread count a worker gets (cores / workers): with 2 workers on 2 cores the
     # machine's ceiling is about twice the 1-thread row, when nothing else runs.
-    per_worker = sorted({max(1, cores() // n) for n in workers}, reverse=True)
+    per_worker = sorted({cores(), *(max(1, cores() // n) for n in workers)}, reverse=True)
     ceilings = {f"network {t}": functools.partial(network, threads=t) for t in per_worker}
     return {**ceilings, "pyfunc": pyfunc, "invocations": invocations}
 
@@ -293,11 +327,31 @@ def best_of(rounds: list[dict]) -> dict:
     return {**best, "rounds_images_per_s": [r["images_per_s"] for r in rounds]}
 
 
+def ratios(results: list[dict]) -> dict[str, dict[str, float]]:
+    """Each server row's images/s over the best network-alone row of its batch size (the ceiling), and
+    its p99 over its p50: {batch: {row: ratio}}; the issue's targets are >= 0.7 at 64, >= 1.0 at 1."""
+    out: dict[str, dict[str, float]] = {}
+    for batch in sorted({r["batch"] for r in results}):
+        rows = [r for r in results if r["batch"] == batch]
+        ceiling = max((r["images_per_s"] for r in rows if r["row"].startswith("ceiling")), default=None)
+        if not ceiling:
+            continue
+        out[str(batch)] = {
+            r["row"]: {
+                "of_ceiling": round(r["images_per_s"] / ceiling, 2),
+                "p99_over_p50": round(r["p99_ms"] / r["p50_ms"], 1),
+            }
+            for r in rows
+            if "rss_start_mb" in r and r["p50_ms"]
+        }
+    return out
+
+
 def table(results: list[dict]) -> str:
     lines = [
-        f"{'row':<72} batch  clients  images/s  p50 ms  p99 ms  errors  server RSS MB: start -> end (max), trend/min",
+        f"{'row':<80} batch  clients  images/s  p50 ms  p99 ms  errors  server RSS MB: start -> end (max), trend/min",
         *(
-            f"{r.get('row', 'served'):<72} {r['batch']:>5}  {r['clients']:>7}  {r['images_per_s']:>8}  "
+            f"{r.get('row', 'served'):<80} {r['batch']:>5}  {r['clients']:>7}  {r['images_per_s']:>8}  "
             f"{r['p50_ms']:>6}  {r['p99_ms']:>6}  {r['errors']:>6}"
             + (
                 f"  {r['rss_start_mb']:,} -> {r['rss_end_mb']:,} ({r['rss_max_mb']:,}), {r['rss_trend_mb_per_min']:+}"
@@ -314,46 +368,68 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="models:/mnist-cnn@champion", help="MLflow model URI to serve")
     parser.add_argument("--baseline", help="another model URI served beside it (1 worker): the before of a change")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="one server per count")
+    parser.add_argument("--workers", type=int, nargs="*", default=[1, 2], help="one mlflow models serve per count")
+    parser.add_argument("--batching-workers", type=int, nargs="*", default=[2], help="one pipeline.serve per count")
+    parser.add_argument(
+        "--batching-args",
+        nargs="*",
+        default=[""],
+        help="one pipeline.serve per value and count, e.g. '--max-wait-ms 1'",
+    )
     parser.add_argument("--seconds", type=float, default=30, help="measured seconds per batch size and server")
     parser.add_argument("--warmup", type=float, default=3, help="seconds of load before each measurement")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; each row keeps its best")
+    parser.add_argument(
+        "--bodies", nargs="+", choices=list(CONTENT_TYPES), default=list(CONTENT_TYPES), help="of pipeline.serve"
+    )
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64], help="images per request")
     parser.add_argument("--out", type=Path, default=OUT, help="results file")
     args = parser.parse_args()
     model = describe(args.model)
     load_before = os.getloadavg()[0]  # other work on the machine moves these numbers: recorded with them
-    steps = in_process(args.model, args.workers, seconds=min(args.seconds, 5))
+    steps = in_process(args.model, args.workers + args.batching_workers, seconds=min(args.seconds, 5))
     runs: dict[tuple[str, int], list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         servers = {}  # all up at once, measured in turn: each round sees the same machine for all
         for n in args.workers:
             log = Path(tmp) / f"serve-{n}.log"
-            servers[f"served: mlflow models serve --workers {n}"] = (
-                stack.enter_context(serve(args.model, log, workers=n)),
-                log,
-            )
+            server = stack.enter_context(serve(args.model, log, workers=n))
+            servers[f"served: mlflow models serve --workers {n}"] = server, log, "json"
         if args.baseline:
             log = Path(tmp) / "baseline.log"
-            servers[f"before: {args.baseline}, --workers 1"] = stack.enter_context(serve(args.baseline, log)), log
-        idle = {name: round(server.rss_mb()) for name, (server, _) in servers.items()}
-        inference = {  # what each worker said it runs (pipeline.serving.pyfunc's line in the server's log)
-            name: sorted(set(re.findall(r"pipeline\.serving\.pyfunc: (.*)", log.read_text())))
-            for name, (_, log) in servers.items()
+            servers[f"before: {args.baseline}, --workers 1"] = (
+                stack.enter_context(serve(args.baseline, log)),
+                log,
+                "json",
+            )
+        for n, extra in itertools.product(args.batching_workers, args.batching_args):
+            log = Path(tmp) / f"batching-{n}-{len(servers)}.log"
+            server = stack.enter_context(serve(args.model, log, workers=n, batching=shlex.split(extra)))
+            for kind in args.bodies:
+                servers[" ".join(f"batching: pipeline.serve --workers {n} {extra}".split()) + f", {kind}"] = (
+                    server,
+                    log,
+                    kind,
+                )
+        idle = {name: round(server.rss_mb()) for name, (server, _, _) in servers.items()}
+        inference = {  # what each worker said it runs (the pyfunc's or the batching server's line in its log)
+            name: sorted(set(re.findall(r"pipeline\.serving\.(?:pyfunc|server): (.*)", log.read_text())))
+            for name, (_, log, _) in servers.items()
         }
         for r in range(args.rounds):
             for batch in args.batches:
                 for step, measure in steps.items():
                     runs.setdefault((step, batch), []).append(measure(batch))
-                for name, (server, _) in servers.items():
-                    result = load(server, batch, args.clients, args.seconds, args.warmup)
+                for name, (server, _, kind) in servers.items():
+                    result = load(server, batch, args.clients, args.seconds, args.warmup, kind)
                     runs.setdefault((name, batch), []).append({"row": name, **result})
                 print(f"round {r + 1} of {args.rounds}, batch {batch} done", file=sys.stderr)
     results = [best_of(rounds) for rounds in runs.values()]  # batch by batch, in the order measured
     report = {
         "date": date.today().isoformat(),
-        "cpu": f"{cpu_model()}, {os.cpu_count()} cores ({cores()} usable)",
+        "cpu": f"{cpu_model()}, {os.cpu_count()} cores ({cores()} usable), "
+        f"{'native bf16' if cpu_has_native_bf16() else 'no native bf16'}",
         "model": model,
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # before, after
         "server_rss_idle_mb": idle,
@@ -361,10 +437,12 @@ def main() -> None:
         "warmup_seconds": args.warmup,
         "rounds": args.rounds,
         "results": results,
+        "ratios": ratios(results),
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"model {model}; server idle RSS {idle} MB; load average {report['load_average_1min']}", file=sys.stderr)
     print(table(results))
+    print(json.dumps(report["ratios"], indent=1))
     if any(r["errors"] for r in results):
         sys.exit(f"errors: {[e for r in results for e in r.get('error_examples', [])]}")
 

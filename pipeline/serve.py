@@ -1,0 +1,64 @@
+"""Serve a registered model with dynamic batching: python -m pipeline.serve [--model URI] [--workers N] [--port P].
+
+Beside `mlflow models serve` (same model, same answers, same JSON protocol), on Starlette and
+uvicorn, which MLflow brings: see docs/using-the-model.md, "The batching server".
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import uvicorn
+from mlflow.exceptions import MlflowException
+
+from pipeline.common.errors import PipelineError, run_stage
+from pipeline.serving.champion import resolve
+from pipeline.serving.settings import ServeSettings
+
+# Defaults measured with `python -m bench.serve_load` (docs/performance.md, "The batching server"): no
+# wait beyond one turn of the event loop did as well as 0.5 and 2 ms with 8 clients (the network's own
+# time lets the next batch fill), and a lone request then waits for nothing.
+MAX_IMAGES = 64
+MAX_WAIT_MS = 0.0
+MAX_BODY_MB = 16.0  # 256 images as pretty-printed float JSON stay well under it
+POLL_S = 10.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="models:/mnist-cnn@champion", help="MLflow model URI of a classifier")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=5001)
+    parser.add_argument("--workers", type=int, default=2, help="processes; torch threads = cores / workers")
+    parser.add_argument("--max-images", type=int, default=MAX_IMAGES, help="images per call of the network")
+    parser.add_argument("--max-wait-ms", type=float, default=MAX_WAIT_MS, help="wait for requests to join a call")
+    parser.add_argument("--max-body-mb", type=float, default=MAX_BODY_MB, help="larger bodies get 413 unread")
+    parser.add_argument("--poll-s", type=float, default=POLL_S, help="seconds between reads of the alias (0: never)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    try:  # checked here, before any worker starts
+        settings = ServeSettings(
+            args.model, args.workers, args.max_images, args.max_wait_ms, args.max_body_mb, args.poll_s
+        )
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        fixed, _ = resolve(args.model)  # a missing model or alias: one line here, not a traceback per worker
+    except MlflowException as e:
+        raise PipelineError(f"cannot serve {args.model}: {e.message}") from None
+    logging.getLogger("pipeline.serve").info("%s is %s; starting %d worker(s)", args.model, fixed, args.workers)
+    settings.to_env()  # each worker process builds its app from it
+    uvicorn.run(
+        "pipeline.serving.server:app_from_env",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level="warning",  # no line per request; ours say what is served
+        timeout_graceful_shutdown=10,
+    )
+
+
+if __name__ == "__main__":
+    run_stage(main)

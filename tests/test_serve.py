@@ -1,0 +1,348 @@
+"""The batching server (`python -m pipeline.serve`): its parsing and batching in process, then the real
+server on 127.0.0.1 (own process group): the classifier's answers for every body, the hostile requests,
+the alias moved under load, a registry that cannot be read."""
+
+import asyncio
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow.pyfunc import scoring_server
+
+from bench import serve_load
+from pipeline.serving.batching import INLINE_IMAGES, Batcher, BatchLimits
+from pipeline.serving.pyfunc import PIXELS, to_batch
+from pipeline.serving.server import BadRequest, from_body
+from pipeline.serving.settings import ServeSettings
+
+from .conftest import REPO
+from .malformed import malformed_requests
+
+CHAMPION = "models:/mnist-cnn@champion"
+POLL_S = 0.5
+
+
+def images(n: int = 5, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 28, 28)).astype(np.uint8)
+
+
+def npy(x: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, x)
+    return buffer.getvalue()
+
+
+def npy_head(shape: tuple[int, ...]) -> bytes:
+    """A .npy header declaring a float64 array of `shape`, as np.save writes it."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "<f8", "fortran_order": False, "shape": shape})
+    return buffer.getvalue()
+
+
+def bodies(x: np.ndarray) -> dict[str, tuple[bytes, str]]:
+    """The same images in every body the server takes: {name: (body, content type)}."""
+    flat = x.reshape(len(x), PIXELS)
+    columns = [f"px{i}" for i in range(PIXELS)]
+    csv = ",".join(columns) + "\n" + "".join(",".join(map(str, row)) + "\n" for row in flat)
+    as_json = {
+        "inputs": {"inputs": x.tolist()},
+        "instances": {"instances": x[:, None].tolist()},
+        "dataframe_split": {"dataframe_split": {"columns": columns, "data": flat.tolist()}},
+        "dataframe_records": {"dataframe_records": [dict(zip(columns, row, strict=True)) for row in flat.tolist()]},
+    }
+    out = {name: (json.dumps(body).encode(), "application/json") for name, body in as_json.items()}
+    out["csv"] = csv.encode(), "text/csv"
+    out["npy float"] = npy(x.astype(np.float32)), "application/x-npy"
+    out["raw uint8"] = x.tobytes(), "application/octet-stream"
+    return out
+
+
+def test_every_body_gives_the_classifier_the_same_images() -> None:
+    x = images()
+    expected = to_batch(x)
+    for name, (body, content_type) in bodies(x).items():
+        assert torch.equal(to_batch(from_body(body, content_type)), expected), name
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "message"),
+    [
+        (b'{"inputs": ' + b"[" * 100_000 + b"0" + b"]" * 100_000 + b"}", "application/json", 400, "nested too deep"),
+        (b'{"inputs": [[' + b"9" * 5000 + b"]]}", "application/json", 400, "not valid JSON"),
+        (b'{"inputs": [[0]], "instances": [[0]]}', "application/json", 400, "exactly one of the keys"),
+        (b"{}", "application/json; charset=latin-1", 415, "only charset=utf-8"),
+        (b"{}", "application/xml", 415, "is not accepted"),
+        (b"\x00" * 785, "application/octet-stream", 400, "N x 784 uint8 pixels"),
+        (b"not npy", "application/x-npy", 400, "not a .npy array"),
+        (npy(np.array([{"a": 1}], dtype=object)), "application/x-npy", 400, "not a .npy array"),  # no unpickling
+        (b"\xff\xfe", "text/csv", 400, "not CSV"),
+        (npy_head((10**9, 784)) + b"\x00" * 64, "application/x-npy", 400, "more than the body holds"),
+    ],
+)
+def test_bodies_that_are_not_images_are_refused_with_a_status_and_a_reason(body, content_type, status, message):
+    with pytest.raises(BadRequest, match=message) as e:
+        from_body(body, content_type)
+    assert e.value.status == status
+
+
+def test_settings_are_checked_with_their_names() -> None:
+    with pytest.raises(ValueError, match="--workers must be at least 1, got 0"):
+        ServeSettings(CHAMPION, 0, 64, 2, 16, 10)
+    with pytest.raises(ValueError, match=r"--max-wait-ms must be in \[0, 1000\], got 5000"):
+        ServeSettings(CHAMPION, 1, 64, 5000, 16, 10)
+    with pytest.raises(ValueError, match=r"--poll-s must be 0 \(never\) or more, got -1"):
+        ServeSettings(CHAMPION, 1, 64, 0, 16, -1)
+
+
+def test_concurrent_requests_become_one_call_within_the_cap() -> None:
+    calls: list[int] = []
+
+    def run(x: torch.Tensor):
+        calls.append(len(x))
+        time.sleep(0.01)  # the network busy: the next requests queue meanwhile
+        return x.flatten(1)[:, :1].numpy(), "v1"  # each image's first pixel: which answer went to whom
+
+    async def main() -> list:
+        batcher = Batcher(run, BatchLimits(max_images=24, max_wait_s=0.005))
+        batcher.start()
+        sizes = [1, 2, 3] * 4 + [20, 20]  # 24 + 40 images: small batches run in the loop, big ones in the thread
+        requests = [torch.full((n, 1, 28, 28), float(i)) for i, n in enumerate(sizes)]
+        alone = torch.full((2, 1, 28, 28), -1.0)
+        answers = [await batcher.submit(alone)]  # nobody to join it: a batch of 2
+        answers += await asyncio.gather(*(batcher.submit(x) for x in requests))
+        await batcher.stop()
+        return list(zip([alone, *requests], answers, strict=True))
+
+    for x, (probs, tag) in asyncio.run(main()):
+        assert tag == "v1" and probs.shape == (len(x), 1) and (probs == x[0, 0, 0, 0].item()).all()
+    assert calls[0] == 2 and sum(calls) == 66 and max(calls) <= 24 and len(calls) <= 6  # merged, never over the cap
+    assert max(calls) > INLINE_IMAGES and min(calls) <= INLINE_IMAGES  # both ways of running one
+
+
+def test_a_failed_batch_fails_its_requests_and_the_next_batch_runs() -> None:
+    def run(x: torch.Tensor):
+        if (x < 0).any():
+            raise RuntimeError("boom")
+        return x.flatten(1)[:, :1].numpy(), "v1"
+
+    async def main() -> tuple:
+        batcher = Batcher(run, BatchLimits(max_images=1, max_wait_s=0))
+        batcher.start()
+        bad = await asyncio.gather(batcher.submit(torch.full((1, 1, 28, 28), -1.0)), return_exceptions=True)
+        good = await batcher.submit(torch.ones(1, 1, 28, 28))
+        await batcher.stop()
+        return bad[0], good
+
+    bad, (probs, _) = asyncio.run(main())
+    assert isinstance(bad, RuntimeError) and probs.item() == 1.0
+
+
+# The real server. One for the module, serving a copy of the trained registry (the alias is moved in it).
+
+
+def start(registry: Path, log: Path, *args: str) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{registry}",
+        "INFERENCE_PRECISION": "fp32",  # numbers compared with the in-process classifier: same on any CPU
+        "MLFLOW_SQLALCHEMYSTORE_POOLCLASS": "NullPool",  # each poll opens the database anew (the dead-registry test)
+        "PYTHONPATH": str(REPO),
+    }
+    cmd = [sys.executable, "-m", "pipeline.serve", "--host", "127.0.0.1", *args]
+    with log.open("w") as out:
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """The server and its workers: SIGTERM to its process group, SIGKILL what is left after 10 s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def served(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[serve_load.Server, Path]]:
+    """`python -m pipeline.serve --workers 2` of a copy of the trained registry's champion; (server, registry)."""
+    root = tmp_path_factory.mktemp("serve")
+    registry = root / "mlflow.db"
+    shutil.copy(trained / "mlflow.db", registry)  # the artifacts stay where the runs wrote them (absolute URIs)
+    port, log = serve_load.free_port(), root / "serve.log"
+    proc = start(registry, log, "--workers", "2", "--port", str(port), "--poll-s", str(POLL_S), "--max-body-mb", "4")
+    server = serve_load.Server(f"http://127.0.0.1:{port}", "127.0.0.1", port, proc, log)
+    try:
+        deadline = time.monotonic() + 120
+        while log.read_text().count("pipeline.serving.server: serving") < 2 or not serve_load.ping(server):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        yield server, registry
+    finally:
+        stop(proc)
+
+
+def post(server: serve_load.Server, body: bytes, content_type: str | None) -> tuple[int, dict, dict]:
+    """(status, JSON answer, headers) of one request on a fresh connection."""
+    import http.client
+
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=30)
+    try:
+        conn.request("POST", "/invocations", body=body, headers={"Content-Type": content_type} if content_type else {})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read()), {k.lower(): v for k, v in response.getheaders()}
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+def test_the_server_answers_every_body_as_the_classifier_does_in_process(served, trained, monkeypatch) -> None:
+    server, _ = served
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{trained / 'mlflow.db'}")
+    monkeypatch.setenv("INFERENCE_PRECISION", "fp32")
+    model = mlflow.pyfunc.load_model(CHAMPION)
+    x = images(7)
+    reference = scoring_server.invocations(json.dumps({"inputs": x.tolist()}), "application/json", model, None)
+    expected = json.loads(reference.response)  # MLflow's own request path, in this process
+    for name, (body, content_type) in bodies(x).items():
+        status, answer, headers = post(server, body, content_type)
+        assert status == 200 and headers["x-model-version"] == "1", (name, answer)
+        got, want = pd.DataFrame(answer["predictions"]), pd.DataFrame(expected["predictions"])
+        assert list(got.columns) == list(want.columns) and (got["digit"] == want["digit"]).all(), name
+        assert (got["class"] == want["class"]).all(), name
+        assert np.allclose(got.filter(like="prob_"), want.filter(like="prob_"), atol=1e-6), name
+    for path, body in [("/ping", "\n"), ("/health", "\n"), ("/version", mlflow.__version__)]:  # as MLflow answers
+        status, text = serve_load.request(server, b"", method="GET", path=path)
+        assert status == 200 and text.decode() == body
+
+
+@pytest.mark.slow
+def test_the_command_refuses_bad_settings_and_a_missing_alias_in_one_line(trained, tmp_path) -> None:
+    registry = tmp_path / "mlflow.db"
+    shutil.copy(trained / "mlflow.db", registry)
+    bad = start(registry, tmp_path / "bad.log", "--workers", "0")
+    missing = start(registry, tmp_path / "missing.log", "--model", "models:/mnist-cnn@nope")
+    assert bad.wait(60) == 2 and "--workers must be at least 1, got 0" in (tmp_path / "bad.log").read_text()
+    assert missing.wait(60) == 1
+    said = (tmp_path / "missing.log").read_text()
+    assert "error: cannot serve models:/mnist-cnn@nope: " in said and "Traceback" not in said, said
+
+
+def send_raw(server: serve_load.Server, start: bytes, chunks: list[bytes]) -> bytes:
+    """Send a request's head and then its chunks while the server reads them; the answer's first bytes."""
+    with socket.create_connection((server.host, server.port), timeout=10) as s:
+        s.sendall(start)
+        with contextlib.suppress(OSError):  # the server answers and closes before reading it all
+            for chunk in chunks:
+                s.sendall(chunk)
+        return s.recv(4096)
+
+
+def head(length: int | None) -> bytes:
+    """The head of a JSON request declaring a body of `length` bytes."""
+    headers = f"Host: x\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n"
+    return f"POST /invocations HTTP/1.1\r\n{headers}\r\n".encode()
+
+
+@pytest.mark.slow
+def test_hostile_requests_get_4xx_with_one_line_and_cost_nothing(served) -> None:
+    server, _ = served
+    cases = malformed_requests()  # the ones mlflow models serve gets; it answers 4 of them with 500
+    for name, body, content_type in cases:
+        status, text = serve_load.request(server, body, content_type)
+        assert 400 <= status < 500, (name, status, text[:300])
+        message = json.loads(text)["message"]
+        assert message and "\n" not in message and "Traceback" not in message, (name, message)
+    # Bodies over the limit (4 MB here, above every case above) get 413: one declared as 1 GB from its
+    # header, unread; one sent in chunks (no length declared) once 4 MB of it has come. The server then
+    # closes the connection, so a client may see it reset before the answer: raw sockets here.
+    assert send_raw(server, head(10**9), []).startswith(b"HTTP/1.1 413")
+    chunked = head(None).replace(b"Content-Length: None", b"Transfer-Encoding: chunked")
+    assert send_raw(server, chunked, [b"10000\r\n" + b" " * 2**16 + b"\r\n"] * 80).startswith(b"HTTP/1.1 413")
+    # Clients that leave mid-body: nothing to answer, nothing logged, the server still serves.
+    cpu = server.cpu_s()
+    for _ in range(20):
+        with socket.create_connection((server.host, server.port), timeout=10) as s:
+            s.sendall(head(500_000))
+            s.sendall(b'{"inputs": [[' + b"0, " * 10_000)
+    time.sleep(0.5)
+    assert server.cpu_s() - cpu < 1.0
+    status, answer, _ = post(server, json.dumps({"inputs": images(2).tolist()}).encode(), "application/json")
+    assert status == 200 and len(answer["predictions"]) == 2
+    assert "Traceback" not in server.log.read_text() and "Exception" not in server.log.read_text()
+
+
+@pytest.mark.slow
+def test_the_alias_moves_under_load_without_a_failed_request(served, monkeypatch) -> None:
+    server, registry = served
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{registry}")
+    client = mlflow.MlflowClient()
+    first = client.get_model_version_by_alias("mnist-cnn", "champion")
+    versions: list[str] = []
+    failures: list[str] = []
+    done = threading.Event()
+    body = json.dumps({"inputs": images(1).tolist()}).encode()
+
+    def send() -> None:
+        while not done.is_set():
+            try:
+                status, answer, headers = post(server, body, "application/json")
+                assert status == 200 and len(answer["predictions"]) == 1, (status, answer)
+                versions.append(headers["x-model-version"])
+            except Exception as e:  # every failure counts
+                failures.append(repr(e))
+
+    clients = [threading.Thread(target=send) for _ in range(8)]
+    for t in clients:
+        t.start()
+    time.sleep(1)
+    moved = time.monotonic()
+    second = mlflow.register_model(first.source, "mnist-cnn")  # the same classifier as a new version
+    client.set_registered_model_alias("mnist-cnn", "champion", second.version)
+    deadline = moved + 30
+    while not versions[-20:] == [str(second.version)] * 20 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    took = time.monotonic() - moved
+    done.set()
+    for t in clients:
+        t.join()
+    assert not failures, failures[:5]
+    assert versions[0] == "1" and versions[-1] == str(second.version) and took < 10, (took, versions[-30:])
+    said = server.log.read_text().count(f"alias moved: models:/mnist-cnn/{second.version} now answers (was version 1)")
+    assert said == 2  # each worker says it once
+
+
+@pytest.mark.slow
+def test_a_registry_that_cannot_be_read_keeps_the_model_serving_with_one_log_line(served) -> None:
+    server, registry = served
+    saved = registry.with_suffix(".saved")
+    os.replace(registry, saved)
+    registry.write_bytes(b"not a database" * 100)  # every read of the registry fails from now on
+    try:
+        time.sleep(6 * POLL_S)  # several polls
+        for _ in range(10):
+            status, answer, _ = post(server, json.dumps({"inputs": images(1).tolist()}).encode(), "application/json")
+            assert status == 200 and len(answer["predictions"]) == 1
+        assert server.log.read_text().count("unreadable, the current model keeps serving") == 2  # once per worker
+    finally:
+        os.replace(saved, registry)
+    deadline = time.monotonic() + 10
+    while server.log.read_text().count("registry readable again") < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.log.read_text().count("registry readable again") == 2
