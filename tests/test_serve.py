@@ -8,7 +8,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from pipeline.serving.server import BadRequest, from_body
 from pipeline.serving.settings import ServeSettings
 
 from .conftest import REPO
+from .helpers.servers import stop_group
 from .malformed import malformed_requests
 
 CHAMPION = "models:/mnist-cnn@champion"
@@ -168,17 +168,6 @@ def start(registry: Path, log: Path, *args: str) -> subprocess.Popen:
         return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """The server and its workers: SIGTERM to its process group, SIGKILL what is left after 10 s."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
 def served(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[serve_load.Server, Path]]:
     """`python -m pipeline.serve --workers 2` of a copy of the trained registry's champion; (server, registry)."""
@@ -195,7 +184,7 @@ def served(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             time.sleep(0.2)
         yield server, registry
     finally:
-        stop(proc)
+        stop_group(proc)  # the server and its workers
 
 
 def post(server: serve_load.Server, body: bytes, content_type: str | None) -> tuple[int, dict, dict]:
