@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from pipeline.core import engine
 from pipeline.data.splits import load_split
 from pipeline.params import ModelConfig, TrainConfig
 from pipeline.sweep import local, workers
+from pipeline.sweep import study as studies
 from pipeline.sweep import trial as trial_module
 from pipeline.sweep.__main__ import show_board
 from pipeline.sweep.spec import load_sweep
@@ -166,3 +168,73 @@ def test_train_shift_is_seeded_and_changes_training(processed) -> None:
     a, b, plain = weights(2), weights(2), weights(0)
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     assert not all(torch.equal(x, y) for x, y in zip(a, plain, strict=True))
+
+
+def _race_worker(url: str, budget: int, start: object, out: object) -> None:
+    """One worker process of the race below: a trial sleeps briefly and returns its number."""
+    import time
+
+    study = optuna.load_study(study_name="race", storage=studies.storage(url, heartbeat=60))
+    start.wait()  # all workers look at the study at once: each sees room for one more trial
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+
+    def objective(trial: optuna.Trial) -> float:
+        time.sleep(0.05)
+        return float(trial.number)
+
+    out.put(studies.run_trials(study, objective, budget, max_failures=3, wait=0.01))
+
+
+def test_more_workers_than_remaining_trials_never_run_over_the_budget(tmp_path) -> None:
+    """6 workers, 2 trials left of 3, started together, 6 times: each study ends with exactly 3
+    trials trained; the others found the budget spent before they trained (FAIL, `surplus`)."""
+    context = multiprocessing.get_context("fork")  # the children run Optuna only: no torch, no MLflow
+    surplus = 0
+    for attempt in range(6):
+        url = f"sqlite:///{tmp_path / f'race{attempt}.db'}"
+        study = optuna.create_study(study_name="race", storage=studies.storage(url, heartbeat=60))
+        study.add_trial(optuna.trial.create_trial(value=0.0))  # one done already
+        start, out = context.Barrier(6), context.Queue()
+        procs = [context.Process(target=_race_worker, args=(url, 3, start, out)) for _ in range(6)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=120)
+        assert [p.exitcode for p in procs] == [0] * 6
+        assert sorted(out.get(timeout=5) for _ in procs) == [3] * 6  # each worker saw the study done
+        trials = load("race", url).trials
+        trained = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+        failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+        assert len(trained) == 3, [(t.number, t.state.name) for t in trials]
+        assert all(t.user_attrs.get(studies.SURPLUS_ATTR) for t in failed) and len(failed) + 3 == len(trials)
+        surplus += len(failed)
+    assert surplus > 0  # the race happened (else this test would not see it) and the claim stopped it
+
+
+@pytest.mark.parametrize(
+    ("objective", "values", "best_lr"),
+    [
+        ("val_accuracy", {0.001: 0.90, 0.01: 0.97, 0.05: 0.50}, 0.01),  # maximized
+        ("val_loss", {0.001: 0.30, 0.01: 2.00, 0.05: 0.05}, 0.05),  # minimized
+    ],
+)
+def test_the_best_recipe_is_the_best_trial_not_another(workdir, objective, values, best_lr) -> None:
+    """Distinct values, the best neither first nor last, and a pruned trial whose last report beats
+    them all: the recipe holds the best complete trial's params and its value."""
+    lr = {"type": "float", "low": 1e-4, "high": 0.1, "log": True}
+    write_sweep(workdir, objective=objective, params={"train.lr": lr}, sampler={"name": "random", "seed": 0})
+    sweep = load_sweep("tiny")
+    study = optuna.create_study(direction=sweep.direction)
+    space = {"train.lr": optuna.distributions.FloatDistribution(1e-4, 0.1, log=True)}
+    for lr_value, value in values.items():
+        study.add_trial(optuna.trial.create_trial(params={"train.lr": lr_value}, distributions=space, value=value))
+    beyond = 1.0 if sweep.direction == "maximize" else 0.0
+    pruned = optuna.trial.TrialState.PRUNED
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={"train.lr": 0.002}, distributions=space, state=pruned, intermediate_values={1: beyond}
+        )
+    )
+    path = studies.write_best_recipe(study, sweep, folder=workdir / "recipes")
+    assert yaml.safe_load(path.read_text()) == {"train": {"epochs": 3, "lr": best_lr}}
+    assert f"{objective} {values[best_lr]:.4f}" in path.read_text().splitlines()[0]

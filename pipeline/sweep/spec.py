@@ -73,6 +73,7 @@ class Sweep:
     sampler: dict[str, Any] = field(default_factory=lambda: {"name": "tpe"})
     pruner: dict[str, Any] = field(default_factory=lambda: {"name": "median"})
     heartbeat: int = 10
+    max_failures: int = 3  # trials in a row that raise before a worker stops
 
     @property
     def direction(self) -> str:
@@ -159,7 +160,7 @@ def _dimension(key: str, raw: Any, path: Path) -> Dimension:
     return Dimension(key, kind, low=low, high=high, log=log, step=raw.get("step"))
 
 
-SWEEP_KEYS = {"recipe", "fixed", "params", "objective", "trials", "sampler", "pruner", "heartbeat"}
+SWEEP_KEYS = {"recipe", "fixed", "params", "objective", "trials", "sampler", "pruner", "heartbeat", "max_failures"}
 
 
 def load_sweep(name: str, folder: Path = SWEEPS) -> Sweep:
@@ -182,11 +183,13 @@ def load_sweep(name: str, folder: Path = SWEEPS) -> Sweep:
     objective = raw.get("objective", "val_accuracy")
     _check(objective in OBJECTIVES, f"{path}: objective", f"one of {', '.join(OBJECTIVES)}", objective)
     trials = raw.get("trials")
-    _check(isinstance(trials, int) and trials >= 1, f"{path}: trials", "an integer >= 1", trials)
+    _check(_integer(trials) and trials >= 1, f"{path}: trials", "an integer >= 1", trials)
     sampler = _named(raw.get("sampler", {"name": "tpe"}), SAMPLERS, f"{path}: sampler")
     pruner = _named(raw.get("pruner", {"name": "median"}), PRUNERS, f"{path}: pruner")
     heartbeat = raw.get("heartbeat", 10)
-    _check(isinstance(heartbeat, int) and heartbeat >= 1, f"{path}: heartbeat", "whole seconds >= 1", heartbeat)
+    _check(_integer(heartbeat) and heartbeat >= 1, f"{path}: heartbeat", "whole seconds >= 1", heartbeat)
+    max_failures = raw.get("max_failures", 3)
+    _check(_integer(max_failures) and max_failures >= 1, f"{path}: max_failures", "an integer >= 1", max_failures)
     sweep = Sweep(
         name=name,
         path=path,
@@ -199,12 +202,17 @@ def load_sweep(name: str, folder: Path = SWEEPS) -> Sweep:
         sampler=sampler,
         pruner=pruner,
         heartbeat=heartbeat,
+        max_failures=max_failures,
     )
     # Fail now, not in trial 7: the base recipe, the settings of sampler and pruner, one point of the space.
     sweep.make_sampler(seed=0)
     sweep.make_pruner()
     sweep.configs({d.key: d.grid()[0] if d.kind == "categorical" else d.low for d in dims} | sweep.fixed)
     return sweep
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _named(raw: Any, known: dict[str, Any], key: str) -> dict[str, Any]:
