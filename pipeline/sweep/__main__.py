@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline import recipe
 from pipeline.common.errors import ParamsError, run_stage
 from pipeline.sweep import study as studies
 from pipeline.sweep.spec import SWEEPS, load_sweep
@@ -53,7 +54,7 @@ def main() -> None:
 
     if args.command == "list":
         for path in sorted(SWEEPS.glob("*.yaml")):
-            summary = path.read_text().splitlines()[0].lstrip("# ").removeprefix(f"{path.stem}: ")
+            summary = recipe.summary(path).removeprefix(f"{path.stem}: ")
             print(f"{path.stem:20s} {summary}")
         return
     sweep = load_sweep(args.name, args.sweeps)

@@ -4,7 +4,6 @@ budget, the sampler and the pruner; validated at load time with the key's name."
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,7 +165,7 @@ SWEEP_KEYS = {"recipe", "fixed", "params", "objective", "trials", "sampler", "pr
 def load_sweep(name: str, folder: Path = SWEEPS) -> Sweep:
     """Read and check sweeps/<name>.yaml; every key is checked before any trial runs."""
     path = folder / f"{name}.yaml"
-    _check(re.fullmatch(r"[\w.-]{1,100}", name) is not None, "the sweep name", "letters, digits, '.', '_', '-'", name)
+    recipe.check_name(name, "sweep")
     if not path.is_file():
         found = ", ".join(sorted(p.stem for p in folder.glob("*.yaml"))) or "none"
         raise ParamsError(f"no sweep {name!r} ({path} not found); sweeps: {found}")
@@ -180,6 +179,9 @@ def load_sweep(name: str, folder: Path = SWEEPS) -> Sweep:
     _check(isinstance(fixed, dict), f"{path}: fixed", "a mapping of params.yaml keys to values", fixed)
     for key in fixed:
         _searchable(str(key), path)
+    base = raw.get("recipe")
+    ok = base is None or (isinstance(base, str) and recipe.NAME.fullmatch(base) is not None)
+    _check(ok, f"{path}: recipe", "the name of a recipe in recipes/", base)
     objective = raw.get("objective", "val_accuracy")
     _check(objective in OBJECTIVES, f"{path}: objective", f"one of {', '.join(OBJECTIVES)}", objective)
     trials = raw.get("trials")
@@ -197,7 +199,7 @@ def load_sweep(name: str, folder: Path = SWEEPS) -> Sweep:
         params=dims,
         trials=trials,
         objective=objective,
-        base=raw.get("recipe"),
+        base=base,
         fixed={str(k): v for k, v in fixed.items()},
         sampler=sampler,
         pruner=pruner,
