@@ -241,3 +241,60 @@ def test_the_best_recipe_is_the_best_trial_not_another(workdir, objective, value
     path = studies.write_best_recipe(study, sweep, folder=workdir / "recipes")
     assert yaml.safe_load(path.read_text()) == {"train": {"epochs": 3, "lr": best_lr}}
     assert f"{objective} {values[best_lr]:.4f}" in path.read_text().splitlines()[0]
+
+
+def _study_with_best(sweep, params: dict, value: float = 0.9, **attrs) -> optuna.Study:
+    """An in-memory study whose one complete trial holds `params` as written by anyone."""
+    study = optuna.create_study(direction=sweep.direction)
+    space = {k: optuna.distributions.CategoricalDistribution([v]) for k, v in params.items()}
+    study.add_trial(optuna.trial.create_trial(params=params, distributions=space, value=value, user_attrs=attrs))
+    return study
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"train.lr": 0.003, "train.device": "cuda:0\n--force"}, "'train.device' is not a key of"),
+        ({"train.lr": 0.5}, "train.lr=0.5 is outside"),  # not one of the sweep's choices
+        ({"train.lr": "0.003"}, "is outside"),  # a string, not the number
+        ({"model.arch": "fast"}, "'model.arch' is not a key of"),
+    ],
+)
+def test_a_best_trial_outside_the_sweeps_space_writes_no_recipe(workdir, params, message) -> None:
+    write_sweep(workdir)
+    sweep = load_sweep("tiny")
+    with pytest.raises(ParamsError, match=message):
+        studies.write_best_recipe(_study_with_best(sweep, params), sweep, folder=workdir / "recipes")
+    assert not (workdir / "recipes").exists()
+
+
+def test_the_best_recipe_header_holds_no_line_of_the_study(workdir) -> None:
+    write_sweep(workdir)
+    sweep = load_sweep("tiny")
+    attrs = {"device": "cpu\nmodel:\n  arch: tutorial\n#", "threads": "2\ntrain: {lr: 9}"}
+    path = studies.write_best_recipe(_study_with_best(sweep, {"train.lr": 0.003}, **attrs), sweep, workdir / "r")
+    text = path.read_text()
+    assert yaml.safe_load(text) == {"train": {"epochs": 3, "lr": 0.003}}
+    assert "ran on ? with ? thread(s)" in text and len(text.splitlines()) == 4 + 3  # the header, then the YAML
+
+
+@pytest.mark.parametrize("changed", ["sweep", "recipe"])
+def test_show_refuses_a_study_whose_sweep_file_or_base_recipe_changed(workdir, capsys, changed) -> None:
+    (workdir / "recipes").mkdir()
+    (workdir / "recipes" / "base.yaml").write_text("train:\n  batch_size: 64\n")
+    write_sweep(workdir, recipe="base")
+    url = f"sqlite:///{workdir / 'sweeps.db'}"
+    study = studies.open_study(load_sweep("tiny"), url, seed=None, attrs={})
+    space = {"train.lr": optuna.distributions.CategoricalDistribution([0.003, 1e-6])}
+    study.add_trial(optuna.trial.create_trial(params={"train.lr": 0.003}, distributions=space, value=0.9))
+    show_board(load_sweep("tiny"), url, top=5)  # unchanged: the board and the recipe
+    assert yaml.safe_load((workdir / "recipes/tiny-best.yaml").read_text())["train"]["batch_size"] == 64
+    if changed == "sweep":
+        write_sweep(workdir, recipe="base", fixed={"train.epochs": 5})
+    else:
+        (workdir / "recipes" / "base.yaml").write_text("train:\n  batch_size: 32\n")
+    before = (workdir / "recipes/tiny-best.yaml").read_text()
+    file = "sweeps/tiny.yaml" if changed == "sweep" else "recipes/base.yaml"
+    with pytest.raises(ParamsError, match=f"{file} changed since study 'tiny' ran .*start a new study"):
+        show_board(load_sweep("tiny"), url, top=5)
+    assert (workdir / "recipes/tiny-best.yaml").read_text() == before

@@ -75,6 +75,7 @@ def main() -> None:
 
 def show_board(sweep, url: str, top: int) -> None:
     study = studies.load(sweep.name, url)
+    studies.check_versions(study, sweep)  # a changed file's recipe: and fixed: would mix with the old params
     done = {s.name: studies.count(study, s) for s in studies.DONE}
     running = studies.count(study, studies.TrialState.RUNNING)
     rows = studies.leaderboard(study, top)
@@ -87,7 +88,7 @@ def show_board(sweep, url: str, top: int) -> None:
     if path := studies.write_best_recipe(study, sweep):
         best = study.best_trial
         print(f"best: trial {best.number}, {sweep.objective} {best.value:.4f} -> {path}")
-        print(f"reproduce it through DVC: dvc exp run $(python -m pipeline.recipe {sweep.name}-best)")
+        print(f"reproduce it through DVC: python -m pipeline.recipe {sweep.name}-best --run")
 
 
 if __name__ == "__main__":

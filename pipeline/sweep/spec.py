@@ -4,6 +4,7 @@ budget, the sampler and the pruner; validated at load time with the key's name."
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,14 @@ class Dimension:
             return trial.suggest_int(self.key, int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
         return trial.suggest_categorical(self.key, list(self.choices))
 
+    def contains(self, value: Any) -> bool:
+        """Whether `value` is a point of this dimension (a study written elsewhere may hold anything)."""
+        if self.kind == "categorical":
+            return any(type(value) is type(c) and value == c for c in self.choices)
+        number = int if self.kind == "int" else (int, float)
+        ok = isinstance(value, number) and not isinstance(value, bool) and math.isfinite(value)
+        return ok and self.low <= value <= self.high
+
     def grid(self) -> list[Any]:
         """Every value, for the grid sampler: categorical choices or an int range."""
         if self.kind == "categorical":
@@ -73,6 +82,7 @@ class Sweep:
     pruner: dict[str, Any] = field(default_factory=lambda: {"name": "median"})
     heartbeat: int = 10
     max_failures: int = 3  # trials in a row that raise before a worker stops
+    base_digest: str | None = None  # SHA-256 of the base recipe's file: a study belongs to one version of it too
 
     @property
     def direction(self) -> str:
@@ -195,7 +205,7 @@ def load_sweep(name: str, folder: Path = SWEEPS) -> Sweep:
     sweep = Sweep(
         name=name,
         path=path,
-        digest=hashlib.sha256(path.read_bytes()).hexdigest(),
+        digest=_digest(path),
         params=dims,
         trials=trials,
         objective=objective,
@@ -205,12 +215,17 @@ def load_sweep(name: str, folder: Path = SWEEPS) -> Sweep:
         pruner=pruner,
         heartbeat=heartbeat,
         max_failures=max_failures,
+        base_digest=_digest(recipe.RECIPES / f"{base}.yaml") if base else None,
     )
     # Fail now, not in trial 7: the base recipe, the settings of sampler and pruner, one point of the space.
     sweep.make_sampler(seed=0)
     sweep.make_pruner()
     sweep.configs({d.key: d.grid()[0] if d.kind == "categorical" else d.low for d in dims} | sweep.fixed)
     return sweep
+
+
+def _digest(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
 def _integer(value: Any) -> bool:
