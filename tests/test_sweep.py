@@ -14,7 +14,7 @@ import yaml
 from mlflow import MlflowClient
 
 from pipeline import recipe, train
-from pipeline.common.errors import ParamsError
+from pipeline.common.errors import ParamsError, PipelineError
 from pipeline.core import engine
 from pipeline.data.splits import load_split
 from pipeline.params import ModelConfig, TrainConfig
@@ -59,6 +59,27 @@ def write_sweep(folder: Path, name: str = "tiny", **changes) -> Path:
         ({"pruner": {"name": "median", "patience": 3}}, "pruner: "),
         ({"trials": 0}, "trials must be an integer >= 1"),
         ({"trials": True}, "trials must be an integer >= 1"),
+        ({"pruner": {"name": "percentile", "percentile": 200}}, "pruner: Percentile must be"),
+        ({"pruner": {"name": "hyperband", "min_resource": "x"}}, "pruner"),
+        ({"pruner": {"name": "median", "n_warmup_steps": -1}}, "pruner"),
+        (
+            {"params": {"train.lr": {"type": "float", "low": 0.1, "high": 1, "log": True, "step": 0.1}}},
+            "step must be absent",
+        ),
+        (
+            {"params": {"train.lr": {"type": "float", "low": 0.1, "high": 1, "step": "big"}}},
+            "step must be a positive number",
+        ),
+        (
+            {"params": {"train.epochs": {"type": "int", "low": 1, "high": 3, "step": 0.5}}},
+            "step must be a positive integer",
+        ),
+        ({"params": {"train.lr": {"type": "float", "low": 0.1, "high": float("inf")}}}, "high must be a number"),
+        ({"params": {"train.lr": {"type": "categorical", "choices": [[0.1]]}}}, "choices must be a list of numbers"),
+        ({"sampler": {"name": "tpe", "n_startup": 3}}, "sampler: "),
+        ({"sampler": {"name": "tpe", "n_startup_trials": "x"}}, "sampler"),
+        ({"sampler": {"name": "tpe", "gamma": 3}}, "sampler"),
+        ({"sampler": {"name": "random", "seed": "x"}}, "sampler.seed must be an integer"),
         ({"recipe": "../../x"}, "recipe must be the name of a recipe in recipes/"),
         ({"max_failures": 0}, "max_failures must be an integer >= 1"),
         ({"budget": 3}, "must be a mapping of fixed, heartbeat"),
@@ -298,3 +319,49 @@ def test_show_refuses_a_study_whose_sweep_file_or_base_recipe_changed(workdir, c
     with pytest.raises(ParamsError, match=f"{file} changed since study 'tiny' ran .*start a new study"):
         show_board(load_sweep("tiny"), url, top=5)
     assert (workdir / "recipes/tiny-best.yaml").read_text() == before
+
+
+def test_a_trial_that_raises_fails_alone_and_failures_in_a_row_stop_the_worker(caplog) -> None:
+    study = optuna.create_study()
+
+    def objective(trial: optuna.Trial) -> float:
+        if trial.number in (1, 2):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore lines")
+        return float(trial.number)
+
+    assert studies.run_trials(study, objective, budget=3, max_failures=3, wait=0.01) == 3
+    states = [t.state.name for t in study.trials]
+    assert states == ["COMPLETE", "FAIL", "FAIL", "COMPLETE", "COMPLETE"]
+    failed = [r for r in caplog.records if "failed" in r.getMessage()]
+    assert "trial 1 failed: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB" in caplog.text
+    assert all(r.exc_info is None for r in failed) and "more lines" not in caplog.text  # one line, no traceback
+
+    def broken(trial: optuna.Trial) -> float:
+        raise ValueError("bad batch")
+
+    with pytest.raises(PipelineError, match="2 trials in a row failed here .*ValueError: bad batch"):
+        studies.run_trials(optuna.create_study(), broken, budget=3, max_failures=2, wait=0.01)
+
+
+@pytest.mark.slow
+def test_a_trial_that_raises_ends_its_mlflow_run_failed_and_the_worker_goes_on(processed, monkeypatch) -> None:
+    real_fit, calls = trial_module.fit, []
+
+    def fit(*args, **kwargs):  # the first trial runs out of memory; the others train
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(trial_module, "fit", fit)
+    write_sweep(processed, fixed={"train.epochs": 1}, pruner="none")
+    url = f"sqlite:///{processed / 'sweeps.db'}"
+    workers.work(load_sweep("tiny"), url, Path("data/processed"))
+    study = load("tiny", url)
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    client = MlflowClient()
+    runs = {r.info.run_name: r for r in client.search_runs(client.get_experiment_by_name("tests").experiment_id)}
+    failed = runs["tiny-0"]
+    assert (failed.info.status, failed.data.tags["sweep.state"]) == ("FAILED", "FAIL")
+    assert failed.data.tags["sweep.failure"] == "OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB"
+    assert {runs[n].info.status for n in ("tiny-1", "tiny-2")} == {"FINISHED"}

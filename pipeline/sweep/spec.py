@@ -93,11 +93,11 @@ class Sweep:
         name, options = self.sampler["name"], {k: v for k, v in self.sampler.items() if k not in ("name", "seed")}
         if name == "grid":
             return optuna.samplers.GridSampler({d.key: d.grid() for d in self.params}, seed=seed)
-        return _construct(SAMPLERS[name], options | {"seed": seed}, "sampler")
+        return _construct(SAMPLERS[name], options | {"seed": seed}, f"{self.path}: sampler")
 
     def make_pruner(self) -> optuna.pruners.BasePruner:
         options = {k: v for k, v in self.pruner.items() if k != "name"}
-        return _construct(PRUNERS[self.pruner["name"]], options, "pruner")
+        return _construct(PRUNERS[self.pruner["name"]], options, f"{self.path}: pruner")
 
     def overrides(self, trial: optuna.Trial) -> dict[str, Any]:
         """The flat params.yaml keys of one trial: the fixed ones, then the sampled ones."""
@@ -130,8 +130,8 @@ def _base(name: str | None) -> dict[str, dict[str, Any]] | None:
 def _construct(cls: type, options: dict[str, Any], key: str) -> Any:
     try:
         return cls(**options)
-    except TypeError as e:  # an unknown or missing setting: Optuna's own words name it
-        raise ParamsError(f"{key}: {e}") from None
+    except (TypeError, ValueError) as e:  # an unknown setting or a bad value: Optuna's own words name it
+        raise ParamsError(f"{key}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
 
 
 def _check(ok: bool, key: str, expected: str, got: Any) -> None:
@@ -157,16 +157,23 @@ def _dimension(key: str, raw: Any, path: Path) -> Dimension:
     if kind == "categorical":
         choices = raw.get("choices")
         _check(isinstance(choices, list) and len(choices) > 0, f"{where}.choices", "a non-empty list", choices)
+        plain = all(c is None or isinstance(c, str | int | float | bool) for c in choices)
+        _check(plain, f"{where}.choices", "a list of numbers, strings, booleans or null", choices)
         return Dimension(key, kind, choices=tuple(choices))
     low, high = raw.get("low"), raw.get("high")
     number = int if kind == "int" else (int, float)
     for bound, value in (("low", low), ("high", high)):
-        ok = isinstance(value, number) and not isinstance(value, bool)
+        ok = isinstance(value, number) and not isinstance(value, bool) and math.isfinite(value)
         _check(ok, f"{where}.{bound}", f"a{'n integer' if kind == 'int' else ' number'}", value)
     _check(low <= high, f"{where}.high", f">= low ({low})", high)
     log = raw.get("log", False)
     _check(isinstance(log, bool) and (not log or low > 0), f"{where}.log", "true only with low > 0", log)
-    return Dimension(key, kind, low=low, high=high, log=log, step=raw.get("step"))
+    step = raw.get("step")
+    if step is not None:
+        ok = isinstance(step, number) and not isinstance(step, bool) and math.isfinite(step) and step > 0
+        _check(ok, f"{where}.step", f"a positive {'integer' if kind == 'int' else 'number'}", step)
+        _check(not log, f"{where}.step", "absent with log: true (Optuna takes one or the other)", step)
+    return Dimension(key, kind, low=low, high=high, log=log, step=step)
 
 
 SWEEP_KEYS = {"recipe", "fixed", "params", "objective", "trials", "sampler", "pruner", "heartbeat", "max_failures"}
@@ -197,6 +204,8 @@ def load_sweep(name: str, folder: Path = SWEEPS) -> Sweep:
     trials = raw.get("trials")
     _check(_integer(trials) and trials >= 1, f"{path}: trials", "an integer >= 1", trials)
     sampler = _named(raw.get("sampler", {"name": "tpe"}), SAMPLERS, f"{path}: sampler")
+    seed = sampler.get("seed", 0)
+    _check(seed is None or (_integer(seed) and 0 <= seed < 2**31), f"{path}: sampler.seed", "an integer >= 0", seed)
     pruner = _named(raw.get("pruner", {"name": "median"}), PRUNERS, f"{path}: pruner")
     heartbeat = raw.get("heartbeat", 10)
     _check(_integer(heartbeat) and heartbeat >= 1, f"{path}: heartbeat", "whole seconds >= 1", heartbeat)
@@ -217,11 +226,44 @@ def load_sweep(name: str, folder: Path = SWEEPS) -> Sweep:
         max_failures=max_failures,
         base_digest=_digest(recipe.RECIPES / f"{base}.yaml") if base else None,
     )
-    # Fail now, not in trial 7: the base recipe, the settings of sampler and pruner, one point of the space.
-    sweep.make_sampler(seed=0)
-    sweep.make_pruner()
+    # Fail now, not in trial 7: the base recipe, the settings of sampler and pruner, points of the space.
     sweep.configs({d.key: d.grid()[0] if d.kind == "categorical" else d.low for d in dims} | sweep.fixed)
+    rehearse(sweep)
     return sweep
+
+
+def rehearse(sweep: Sweep, trials: int = 12) -> None:
+    """Build the sampler and pruner and run them on a study in memory: `trials` trials sampled from
+    every distribution, reporting 3 epochs each (past TPE's start-up when n_startup_trials is small).
+    A setting that Optuna refuses only there (a string for a number, a percentile of 200) fails
+    now with the key's name, not inside the first trial of every worker."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory" at each load
+    try:
+        sampler = sweep.make_sampler(seed=0)
+        if sweep.sampler["name"] == "grid":  # built above; in a study it stops it once the grid is done
+            sampler = optuna.samplers.RandomSampler(seed=0)
+        study = optuna.create_study(sampler=sampler, pruner=sweep.make_pruner(), direction=sweep.direction)
+        _rehearse(sweep, study, trials)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+def _rehearse(sweep: Sweep, study: optuna.Study, trials: int) -> None:
+    for i in range(trials):
+        trial = study.ask()
+        where = f"{sweep.path}: sampler"
+        try:
+            for d in sweep.params:
+                where = f"{sweep.path}: params.{d.key} (or the sampler)"
+                d.suggest(trial)
+            where = f"{sweep.path}: pruner"
+            for epoch in (1, 2, 3):
+                trial.report(0.5 + 0.01 * ((i * 7 + epoch) % 10), epoch)
+                trial.should_prune()
+            study.tell(trial, 0.5 + 0.01 * (i % 10))
+        except (TypeError, ValueError, ArithmeticError, KeyError, IndexError) as e:
+            raise ParamsError(f"{where}: {type(e).__name__}: {str(e).strip()[:200] or 'refused'}") from None
 
 
 def _digest(path: Path) -> str | None:
