@@ -77,8 +77,8 @@ def _redacting(factory: Callable[..., logging.LogRecord]) -> Callable[..., loggi
     def make(*args, **kwargs) -> logging.LogRecord:
         record = factory(*args, **kwargs)
         message = record.getMessage()
-        if "@" in message:
-            record.msg, record.args = redact(message), None
+        if (redacted := redact(message)) != message:
+            record.msg, record.args = redacted, None
         return record
 
     make.redacts = True  # type: ignore[attr-defined]

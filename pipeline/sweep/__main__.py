@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline import recipe
+from pipeline.common import credentials
 from pipeline.common.errors import ParamsError, run_stage
 from pipeline.sweep import study as studies
 from pipeline.sweep.spec import SWEEPS, load_sweep
@@ -59,6 +60,7 @@ def main() -> None:
         return
     sweep = load_sweep(args.name, args.sweeps)
     url = args.storage or studies.default_storage()
+    credentials.remember(url)  # masked in every message from here on, its password too
     if args.command == "show":
         return show_board(sweep, url, args.top)
     if args.jobs < 1:
