@@ -212,3 +212,35 @@ def test_predict_refuses_a_served_model_whose_classes_are_not_ten_names(monkeypa
     monkeypatch.setattr(mlflow.pyfunc, "load_model", lambda spec: model)
     with pytest.raises(DataError, match="'classes' must be 10 class names"):
         predict.load_predictor("models:/someone-elses@champion")
+
+
+def test_a_champion_that_cannot_be_read_moves_nothing_even_if_the_rest_answers(monkeypatch) -> None:
+    """Only "not found" means no champion: a 503 on that one read stops before any registration or
+    alias move, though every other call of the registry would succeed."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.params import RegisterConfig
+
+    writes = []
+
+    class Registry:
+        def get_registered_model(self, name):
+            raise MlflowException("HTTP 503", error_code="TEMPORARILY_UNAVAILABLE")
+
+        def get_run(self, run_id):
+            return types.SimpleNamespace(info=types.SimpleNamespace(experiment_id="1"))
+
+        def search_logged_models(self, **kwargs):
+            return [types.SimpleNamespace(model_uri="models:/m-1")]
+
+        def search_model_versions(self, query):
+            return [ModelVersion("mnist-cnn", "1", 0, tags=[ModelVersionTag(registry.ACCURACY_TAG, "0.5")])]
+
+        def set_registered_model_alias(self, *args):
+            writes.append(("alias", *args))
+
+    monkeypatch.setattr(registry, "MlflowClient", Registry)
+    monkeypatch.setattr(registry.mlflow, "register_model", lambda *a, **k: writes.append(("register", *a)))
+    with pytest.raises(PipelineError, match="registering mnist-cnn at .* failed, nothing was moved: HTTP 503"):
+        registry.register_if_good("0" * 32, 0.99, RegisterConfig(name="mnist-cnn", min_accuracy=0.5))
+    assert writes == []

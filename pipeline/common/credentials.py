@@ -30,6 +30,7 @@ _USERINFO = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)(?:\S*@|[^\s@/:]*:[^@\n/]
 _SECRET_NAMES = r"(?:password|passwd|pwd|pass|token|access_token|secret|api_key|apikey|sslpassword)"
 _SECRET_QUERY = re.compile(rf"(?i)([?&;]{_SECRET_NAMES}=)[^&;#\s]*")
 _SECRET_PARAM = re.compile(rf"(?i){_SECRET_NAMES}=")
+_SECRET_QUERY_OF_URL = re.compile(rf"(?i)([?&;]{_SECRET_NAMES}=)[^&;#]*")  # one whole URL: spaces included
 # The environment variables whose values are URLs or secrets of this process.
 URL_VARS = ("SWEEP_STORAGE", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 SECRET_VARS = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "PGPASSWORD")
@@ -38,22 +39,24 @@ _remembered: set[str] = set()
 
 
 def split_userinfo(uri: str) -> tuple[str, str | None, str]:
-    """(`scheme://`, user-info or None, the rest): the user-info runs to the last `@` before `?` or `#`."""
+    """(`scheme://`, user-info or None, the rest): the user-info runs to the last `@` before `?` or
+    `#`, else (a `?` in the password) to the last `@` of all."""
     match = _SCHEME.match(uri)
     if match is None:
         return "", None, uri
     rest = uri[match.end() :]
     end = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
     at = rest.rfind("@", 0, end)
+    at = at if at >= 0 else rest.rfind("@")
     if at < 0:
         return match.group(0), None, rest
     return match.group(0), rest[:at], rest[at + 1 :]
 
 
 def redact_url(uri: str) -> str:
-    """One URL with its user-info and secret query parameters replaced by `***`."""
-    scheme, userinfo, rest = split_userinfo(uri)
-    return _SECRET_QUERY.sub(rf"\1{MASK}", scheme + (f"{MASK}@" if userinfo is not None else "") + rest)
+    """One URL with its secret query parameters, then its user-info, replaced by `***`."""
+    scheme, userinfo, rest = split_userinfo(_SECRET_QUERY_OF_URL.sub(rf"\1{MASK}", uri))
+    return scheme + (f"{MASK}@" if userinfo is not None else "") + rest
 
 
 def remember(uri: str | None) -> None:
@@ -68,7 +71,7 @@ def secrets(uri: str) -> set[str]:
     _, userinfo, _ = split_userinfo(uri)
     if userinfo:
         found |= {userinfo, userinfo.partition(":")[2]}
-    for match in _SECRET_QUERY.finditer(uri):
+    for match in _SECRET_QUERY_OF_URL.finditer(uri):
         found.add(uri[match.end(1) : match.end()])
     if _SCHEME.match(uri) and not uri.startswith(("http://", "https://", "file:")):
         try:
@@ -95,7 +98,7 @@ def redact(text: str) -> str:
         text = text.replace(uri, redact_url(uri))
     for secret in known:
         text = text.replace(secret, MASK)
-    return _SECRET_QUERY.sub(rf"\1{MASK}", _USERINFO.sub(rf"\1{MASK}@", text))
+    return _USERINFO.sub(rf"\1{MASK}@", _SECRET_QUERY.sub(rf"\1{MASK}", text))
 
 
 def without_credentials(uri: str) -> str:
