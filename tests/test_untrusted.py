@@ -244,3 +244,30 @@ def test_a_champion_that_cannot_be_read_moves_nothing_even_if_the_rest_answers(m
     with pytest.raises(PipelineError, match="registering mnist-cnn at .* failed, nothing was moved: HTTP 503"):
         registry.register_if_good("0" * 32, 0.99, RegisterConfig(name="mnist-cnn", min_accuracy=0.5))
     assert writes == []
+
+
+def test_a_committed_run_file_does_not_choose_where_credentials_go(monkeypatch) -> None:
+    """Its tracking_uri is used only when it is the repository's own store (or MLFLOW_TRACKING_URI
+    is set, which wins); another is one line saying what to set, before any connection."""
+    from pipeline.tracking import evaluation_run as module
+    from pipeline.tracking import store
+
+    connected = []
+    monkeypatch.setattr(store, "connect", lambda uri=None: connected.append(uri) or (_ for _ in ()).throw(KeyError))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "my-own-token")
+    info = {"run_id": "0" * 32, "tracking_uri": "https://attacker.example/?token=theirs123"}
+    with pytest.raises(
+        PipelineError, match="names the tracking store https://attacker.example/.token=\\*\\*\\*, not"
+    ) as e:
+        with module.evaluation_run(info):
+            pass
+    assert connected == [] and "set MLFLOW_TRACKING_URI to it if you trust it" in str(e.value)
+    for recorded, expected in ((None, None), (store.repo_store_uri(), store.repo_store_uri())):
+        with pytest.raises(KeyError), module.evaluation_run({**info, "tracking_uri": recorded}):
+            pass
+        assert connected.pop() == expected
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")  # the user's own choice wins
+    with pytest.raises(KeyError), module.evaluation_run(info):
+        pass
+    assert connected == [None]
