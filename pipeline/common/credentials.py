@@ -6,11 +6,12 @@ as well, so `to_env` moves them there and MLflow only ever sees the URI without 
 `models/mlflow_run.json` (committed by git and DVC) nor MLflow's own messages can hold them.
 `redact` covers the rest: every message a stage prints or logs goes through it.
 
-A URL is parsed, not matched word by word: its user-info runs from `scheme://` to the last `@` before
-the query, so a password holding `/`, `@`, `:` or a space is hidden whole; a database URL is also
-read by SQLAlchemy's own URL parser (what the driver will use); `password=` and other secret query
-parameters are masked. The URLs this process was given (SWEEP_STORAGE, MLFLOW_TRACKING_URI,
-`--storage`: `remember`) are masked wherever they appear, and so are their passwords.
+A URL is parsed, not matched word by word: `password=` and other secret query parameters are
+masked first, then its user-info runs from `scheme://` to its last `@` (a host holds none), so a
+password holding `/`, `@`, `:`, `?` or a space is hidden whole; a database URL's password is also
+read by SQLAlchemy's own URL parser (what the driver will use). The URLs this process was given
+(SWEEP_STORAGE, MLFLOW_TRACKING_URI, `--storage`: `remember`) are masked wherever they appear, and
+so are their passwords.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ _USERINFO = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)(?:\S*@|[^\s@/:]*:[^@\n/]
 # Query parameters that hold secrets, in any URL or text.
 _SECRET_NAMES = r"(?:password|passwd|pwd|pass|token|access_token|secret|api_key|apikey|sslpassword)"
 _SECRET_QUERY = re.compile(rf"(?i)([?&;]{_SECRET_NAMES}=)[^&;#\s]*")
-_SECRET_PARAM = re.compile(rf"(?i){_SECRET_NAMES}=")
 _SECRET_QUERY_OF_URL = re.compile(rf"(?i)([?&;]{_SECRET_NAMES}=)[^&;#]*")  # one whole URL: spaces included
 # The environment variables whose values are URLs or secrets of this process.
 URL_VARS = ("SWEEP_STORAGE", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
@@ -39,15 +39,13 @@ _remembered: set[str] = set()
 
 
 def split_userinfo(uri: str) -> tuple[str, str | None, str]:
-    """(`scheme://`, user-info or None, the rest): the user-info runs to the last `@` before `?` or
-    `#`, else (a `?` in the password) to the last `@` of all."""
+    """(`scheme://`, user-info or None, the rest): the user-info runs to the last `@`, since a host
+    holds none (call it after the secret query parameters are masked or dropped: they may hold one)."""
     match = _SCHEME.match(uri)
     if match is None:
         return "", None, uri
     rest = uri[match.end() :]
-    end = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
-    at = rest.rfind("@", 0, end)
-    at = at if at >= 0 else rest.rfind("@")
+    at = rest.rfind("@")
     if at < 0:
         return match.group(0), None, rest
     return match.group(0), rest[:at], rest[at + 1 :]
@@ -68,7 +66,7 @@ def remember(uri: str | None) -> None:
 def secrets(uri: str) -> set[str]:
     """The user-info and password of a URL, as written and decoded, as we and SQLAlchemy read them."""
     found = set()
-    _, userinfo, _ = split_userinfo(uri)
+    _, userinfo, _ = split_userinfo(_SECRET_QUERY_OF_URL.sub("", uri))
     if userinfo:
         found |= {userinfo, userinfo.partition(":")[2]}
     for match in _SECRET_QUERY_OF_URL.finditer(uri):
@@ -103,18 +101,16 @@ def redact(text: str) -> str:
 
 def without_credentials(uri: str) -> str:
     """The URI without user-info and without secret query parameters (for files)."""
-    scheme, userinfo, rest = split_userinfo(uri)
-    base, _, query = rest.partition("?")
-    params = [p for p in re.split(r"[&;]", query) if p]
-    kept = [p for p in params if not _SECRET_PARAM.match(p)]
-    if userinfo is None and kept == params:
-        return uri
-    return scheme + base + (f"?{'&'.join(kept)}" if kept else "")
+    kept = _SECRET_QUERY_OF_URL.sub("", uri)
+    if kept != uri and "?" not in kept:  # `?password=x&a=b` lost its `?`
+        kept = kept.replace("&", "?", 1) if "&" in kept else kept
+    scheme, userinfo, rest = split_userinfo(kept)
+    return kept if userinfo is None else scheme + rest
 
 
 def to_env(uri: str) -> str:
     """Move the URI's user and password to MLflow's variables; return the URI without them."""
-    scheme, userinfo, _ = split_userinfo(uri)
+    scheme, userinfo, _ = split_userinfo(_SECRET_QUERY_OF_URL.sub("", uri))
     if scheme.lower() not in ("http://", "https://") or userinfo is None:
         return uri
     user, colon, password = userinfo.partition(":")

@@ -85,6 +85,11 @@ def _redacting(factory: Callable[..., logging.LogRecord]) -> Callable[..., loggi
     return make
 
 
+def one_line(text: str) -> str:
+    """`text` on one line: a value from a file may hold newlines or control characters."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text.strip())
+
+
 def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's main(); a PipelineError ends it with one line and exit code 1, Ctrl-C with
     130 and SIGTERM with 143 (the shell's codes), after the stage's own cleanup. No line it logs
@@ -104,7 +109,7 @@ def run_stage(main: Callable[[], None]) -> None:
             sys.stderr.flush()
             os._exit(0)
     except PipelineError as e:
-        sys.exit(f"error: {redact(str(e))}")
+        sys.exit(f"error: {one_line(redact(str(e)))}")
     except KeyboardInterrupt as e:
         terminated = isinstance(e, Terminated)
         # A stage adds what it kept as a note (train: its checkpoint); the default says what it did not write.

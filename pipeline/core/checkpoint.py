@@ -129,12 +129,16 @@ def load_training(
     except Exception as e:  # unreadable: say so and start fresh
         log.warning("ignoring unreadable checkpoint %s (%s); starting fresh", path, e)
         return None
-    if not _training_state(state):
-        log.warning("ignoring checkpoint %s: not a training state written by train; starting fresh", path)
+    not_ours = "ignoring checkpoint %s: not a training state written by train; starting fresh"
+    if not (isinstance(state, dict) and isinstance(state.get("fingerprint"), dict)):
+        log.warning(not_ours, path)
         return None
-    if state.get("fingerprint") != expected:
-        diff = differences(state.get("fingerprint", {}), expected)
+    if state["fingerprint"] != expected:
+        diff = differences(state["fingerprint"], expected)
         log.warning("checkpoint %s was made with other settings (%s); starting fresh", path, diff)
+    elif not _training_state(state):  # what fit and train read of it, before they read it
+        log.warning(not_ours, path)
+        return None
     elif len(state["history"]) > epochs:
         log.warning("checkpoint %s is past train.epochs=%d; starting fresh", path, epochs)
     else:
@@ -147,8 +151,9 @@ def load_training(
 
 def _training_state(state: Any) -> bool:
     """Whether `state` has the fields train reads of it, and fit's fields of the right type."""
-    kinds = {"history": list, "rows": list, "fingerprint": dict, "run_id": str}
+    kinds = {"history": list, "fingerprint": dict, "run_id": str}
     optional = {
+        "rows": list,
         "model": dict,
         "optimizer": dict,
         "scheduler": dict,

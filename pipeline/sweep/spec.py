@@ -135,8 +135,9 @@ def _construct(cls: type, options: dict[str, Any], key: str) -> Any:
 
 
 def _check(ok: bool, key: str, expected: str, got: Any) -> None:
-    if not ok:
-        raise ParamsError(f"{key} must be {expected}, got {got!r}")
+    if not ok:  # a key from the file may hold a newline: the message stays one line
+        key = "".join(c if c.isprintable() else repr(c)[1:-1] for c in key)
+        raise ParamsError(f"{key} must be {expected}, got {got!r:.200}")
 
 
 def _searchable(key: str, path: Path) -> None:
