@@ -18,7 +18,7 @@ from pipeline.common.errors import ParamsError, PipelineError
 from pipeline.core import engine
 from pipeline.data.splits import load_split
 from pipeline.params import ModelConfig, TrainConfig
-from pipeline.sweep import local, workers
+from pipeline.sweep import budget, local, workers
 from pipeline.sweep import study as studies
 from pipeline.sweep import trial as trial_module
 from pipeline.sweep.__main__ import show_board
@@ -194,7 +194,7 @@ def test_train_shift_is_seeded_and_changes_training(processed) -> None:
     assert not all(torch.equal(x, y) for x, y in zip(a, plain, strict=True))
 
 
-def _race_worker(url: str, budget: int, start: object, out: object) -> None:
+def _race_worker(url: str, trials: int, start: object, out: object) -> None:
     """One worker process of the race below: a trial sleeps briefly and returns its number."""
     import time
 
@@ -206,7 +206,7 @@ def _race_worker(url: str, budget: int, start: object, out: object) -> None:
         time.sleep(0.05)
         return float(trial.number)
 
-    out.put(studies.run_trials(study, objective, budget, max_failures=3, wait=0.01))
+    out.put(budget.run_trials(study, objective, trials, max_failures=3, wait=0.01))
 
 
 def test_more_workers_than_remaining_trials_never_run_over_the_budget(tmp_path) -> None:
@@ -230,7 +230,7 @@ def test_more_workers_than_remaining_trials_never_run_over_the_budget(tmp_path) 
         trained = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
         failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
         assert len(trained) == 3, [(t.number, t.state.name) for t in trials]
-        assert all(t.user_attrs.get(studies.SURPLUS_ATTR) for t in failed) and len(failed) + 3 == len(trials)
+        assert all(t.user_attrs.get(budget.SURPLUS_ATTR) for t in failed) and len(failed) + 3 == len(trials)
         surplus += len(failed)
     assert surplus > 0  # the race happened (else this test would not see it) and the claim stopped it
 
@@ -329,7 +329,7 @@ def test_a_trial_that_raises_fails_alone_and_failures_in_a_row_stop_the_worker(c
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore lines")
         return float(trial.number)
 
-    assert studies.run_trials(study, objective, budget=3, max_failures=3, wait=0.01) == 3
+    assert budget.run_trials(study, objective, budget=3, max_failures=3, wait=0.01) == 3
     states = [t.state.name for t in study.trials]
     assert states == ["COMPLETE", "FAIL", "FAIL", "COMPLETE", "COMPLETE"]
     failed = [r for r in caplog.records if "failed" in r.getMessage()]
@@ -340,7 +340,7 @@ def test_a_trial_that_raises_fails_alone_and_failures_in_a_row_stop_the_worker(c
         raise ValueError("bad batch")
 
     with pytest.raises(PipelineError, match="2 trials in a row failed here .*ValueError: bad batch"):
-        studies.run_trials(optuna.create_study(), broken, budget=3, max_failures=2, wait=0.01)
+        budget.run_trials(optuna.create_study(), broken, budget=3, max_failures=2, wait=0.01)
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ from pipeline.core.model import Net
 from pipeline.data.datasets import read_info
 from pipeline.data.idx import idx_bytes, read_idx
 from pipeline.serving import registry
+from pipeline.sweep import budget
 from pipeline.sweep import study as studies
 
 from .conftest import REPO, run_main
@@ -54,7 +55,7 @@ def test_no_form_of_a_url_leaks_its_secret_through_any_message_path(url, secrets
         "an error naming the URL": credentials.redact(f"cannot reach {url}: connection refused"),
         "the URL alone": credentials.redact_url(url),
         "a file (mlflow_run.json)": credentials.without_credentials(url),
-        "an MLflow tag (sweep.failure)": studies.one_line(RuntimeError(f"lost {url}\nmore")),
+        "an MLflow tag (sweep.failure)": budget.one_line(RuntimeError(f"lost {url}\nmore")),
     }
     record = errors._redacting(logging.LogRecord)(
         "pipeline.sweep", logging.INFO, __file__, 1, "study at %s", (url,), None

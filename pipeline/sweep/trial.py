@@ -16,8 +16,9 @@ from mlflow.data.dataset import Dataset
 from pipeline.common.errors import ParamsError
 from pipeline.core.engine import Split, Step, TrainingDiverged, build, fit
 from pipeline.params import MlflowConfig, load_section
+from pipeline.sweep.budget import one_line
 from pipeline.sweep.spec import Sweep
-from pipeline.sweep.study import RUN_ID_ATTR, one_line
+from pipeline.sweep.study import RUN_ID_ATTR
 from pipeline.tracking import datasets, provenance, store, tags
 
 log = logging.getLogger("pipeline.sweep")

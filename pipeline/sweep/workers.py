@@ -13,6 +13,7 @@ from pipeline.core.checkpoint import file_md5
 from pipeline.core.runtime import pick_device, tune_malloc
 from pipeline.data.datasets import read_info
 from pipeline.data.splits import load_split
+from pipeline.sweep import budget
 from pipeline.sweep import study as studies
 from pipeline.sweep.spec import Sweep
 from pipeline.sweep.trial import Objective
@@ -34,7 +35,7 @@ def worker_seed(base: int | None, local_index: int, jobs: int, trials_so_far: in
 
 
 def work(sweep: Sweep, url: str, data: Path, local_index: int = 0, jobs: int = 1) -> None:
-    """Run trials until the study holds sweep.trials complete or pruned ones (studies.run_trials)."""
+    """Run trials until the study holds sweep.trials complete or pruned ones (budget.run_trials)."""
     tune_malloc()
     store.connect()  # MLFLOW_TRACKING_URI, else the repository's store; a dead server fails now
     device = pick_device("auto", "the sweep's device")
@@ -49,7 +50,7 @@ def work(sweep: Sweep, url: str, data: Path, local_index: int = 0, jobs: int = 1
     objective = Objective(sweep, _to(train, device), _to(val, device), dataset, device, run_tags)
     threads, where = torch.get_num_threads(), studies.redact(url)
     log.info("worker on %s with %d thread(s), study %r at %s", device, threads, sweep.name, where)
-    done = studies.run_trials(study, objective, sweep.trials, sweep.max_failures)
+    done = budget.run_trials(study, objective, sweep.trials, sweep.max_failures)
     if path := studies.write_best_recipe(study, sweep):
         log.info("study %r done: %d trials; best trial %d, %s %.4f; wrote %s", sweep.name, done,
                  study.best_trial.number, sweep.objective, study.best_value, path)  # fmt: skip
