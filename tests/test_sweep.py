@@ -365,3 +365,17 @@ def test_a_trial_that_raises_ends_its_mlflow_run_failed_and_the_worker_goes_on(p
     assert (failed.info.status, failed.data.tags["sweep.state"]) == ("FAILED", "FAIL")
     assert failed.data.tags["sweep.failure"] == "OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB"
     assert {runs[n].info.status for n in ("tiny-1", "tiny-2")} == {"FINISHED"}
+
+
+def test_a_study_from_before_the_base_recipes_digest_is_shown_with_a_warning(workdir, caplog) -> None:
+    (workdir / "recipes").mkdir()
+    (workdir / "recipes" / "base.yaml").write_text("train:\n  batch_size: 64\n")
+    write_sweep(workdir, recipe="base")
+    url = f"sqlite:///{workdir / 'sweeps.db'}"
+    study = studies.open_study(load_sweep("tiny"), url, seed=None, attrs={})
+    study.set_user_attr("base_recipe_sha256", None)  # as a study made before it was recorded
+    space = {"train.lr": optuna.distributions.CategoricalDistribution([0.003, 1e-6])}
+    study.add_trial(optuna.trial.create_trial(params={"train.lr": 0.003}, distributions=space, value=0.9))
+    show_board(load_sweep("tiny"), url, top=5)
+    assert "does not record its base recipe: recipes/base.yaml is not checked" in caplog.text
+    assert yaml.safe_load((workdir / "recipes/tiny-best.yaml").read_text())["train"]["batch_size"] == 64

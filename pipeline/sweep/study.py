@@ -108,6 +108,11 @@ def check_versions(study: optuna.Study, sweep: Sweep) -> None:
     file's `recipe:` and `fixed:` would make a recipe that no trial ran."""
     for key, now in versions(sweep).items():
         then = study.user_attrs.get(key)
+        if then is None and key == "base_recipe_sha256":  # a study from before it was recorded
+            log.warning(
+                "study %r does not record its base recipe: recipes/%s.yaml is not checked", sweep.name, sweep.base
+            )
+            continue
         if then != now:
             file = sweep.path if key == "sweep_file_sha256" else f"recipes/{sweep.base}.yaml"
             raise ParamsError(
