@@ -379,3 +379,26 @@ def test_a_study_from_before_the_base_recipes_digest_is_shown_with_a_warning(wor
     show_board(load_sweep("tiny"), url, top=5)
     assert "does not record its base recipe: recipes/base.yaml is not checked" in caplog.text
     assert yaml.safe_load((workdir / "recipes/tiny-best.yaml").read_text())["train"]["batch_size"] == 64
+
+
+def _open_storage(url: str, start: object, out: object) -> None:
+    start.wait()
+    try:
+        studies.storage(url, heartbeat=60)
+        out.put("ok")
+    except Exception as e:  # the failure to see: one line, our PipelineError or another
+        out.put(f"{type(e).__name__}: {e}")
+
+
+def test_workers_that_open_a_new_sqlite_study_store_at_once_all_open_it(tmp_path) -> None:
+    """Slurm starts a job array's workers together, with no parent to create the store first: one
+    lost the race to create its tables ("UNIQUE constraint failed: alembic_version")."""
+    context = multiprocessing.get_context("fork")
+    for attempt in range(3):  # without the retry, the first round already failed
+        url, start, out = f"sqlite:///{tmp_path / f'new{attempt}.db'}", context.Barrier(4), context.Queue()
+        procs = [context.Process(target=_open_storage, args=(url, start, out)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=120)
+        assert [out.get(timeout=5) for _ in procs] == ["ok"] * 4

@@ -6,6 +6,7 @@ import datetime
 import logging
 import math
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ STORE_FILE = "sweeps.db"  # one machine's default study store, beside mlflow.db 
 RUN_ID_ATTR = "mlflow_run_id"  # the trial's user attribute naming its MLflow run
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts towards the sweep's `trials`
 MAX_RETRY = 2  # a trial whose worker died is run again by another worker, at most this often
+# What the database says when another worker created the same tables a moment before.
+CREATE_RACES = ("UNIQUE constraint failed: alembic_version", "already exists", "duplicate key value")
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat, retry callback
 
@@ -58,20 +61,29 @@ def end_stale_run(study: optuna.Study, trial: FrozenTrial) -> None:
     optuna.storages.RetryFailedTrialCallback(max_retry=MAX_RETRY)(study, trial)
 
 
-def storage(url: str, heartbeat: int) -> optuna.storages.RDBStorage:
+def storage(url: str, heartbeat: int, tries: int = 5) -> optuna.storages.RDBStorage:
     """The study's database (SQLite on one machine, PostgreSQL or MySQL for several) with heartbeats:
     a running trial beats every `heartbeat` s; after 2x without one it is failed and retried."""
-    try:
-        return optuna.storages.RDBStorage(
-            url,
-            # SQLite: a writer waits for another worker's write instead of failing at once.
-            engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True},
-            heartbeat_interval=heartbeat,
-            grace_period=2 * heartbeat,
-            heartbeat_stale_trial_callback=end_stale_run,
-        )
-    except Exception as e:  # bad URL, missing driver, server down: SQLAlchemy's words, on one line
-        raise PipelineError(f"cannot open the study storage {redact(url)}: {str(e).splitlines()[0]}") from e
+    for attempt in range(1, tries + 1):
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                # SQLite: a writer waits for another worker's write instead of failing at once.
+                engine_kwargs={"connect_args": {"timeout": 60}}
+                if url.startswith("sqlite")
+                else {"pool_pre_ping": True},
+                heartbeat_interval=heartbeat,
+                grace_period=2 * heartbeat,
+                heartbeat_stale_trial_callback=end_stale_run,
+            )
+        except Exception as e:  # bad URL, missing driver, server down: SQLAlchemy's words, on one line
+            # Workers started together on a new database (a Slurm array) race to create its tables:
+            # the losers find them made by the winner on the next try.
+            if attempt < tries and any(race in str(e) for race in CREATE_RACES):
+                time.sleep(0.2 * attempt)
+                continue
+            raise PipelineError(f"cannot open the study storage {redact(url)}: {str(e).splitlines()[0]}") from e
+    raise AssertionError("unreachable")
 
 
 def open_study(sweep: Sweep, url: str, seed: int | None, attrs: dict[str, str]) -> optuna.Study:
