@@ -155,7 +155,10 @@ def load_predictor(spec: str) -> tuple[Predictor, tuple[str, ...]]:
         except mlflow.exceptions.MlflowException as e:
             raise PipelineError(f"cannot load MLflow model {spec}: {e.message}") from e
         # train logs both models with their class names; models logged before then were MNIST's.
-        classes = tuple((model.metadata.metadata or {}).get("classes", DIGITS))
+        classes = (model.metadata.metadata or {}).get("classes", DIGITS)
+        if not (isinstance(classes, list | tuple) and len(classes) == 10 and all(_name(c) for c in classes)):
+            raise DataError(f"{spec}: its metadata's 'classes' must be 10 class names, got {str(classes)[:120]}")
+        classes = tuple(classes)
 
         def predict(images: np.ndarray) -> np.ndarray:
             out = model.predict(images[:, None].astype(np.float32))  # both logged models take (N, 1, 28, 28)
@@ -178,6 +181,11 @@ def load_predictor(spec: str) -> tuple[Predictor, tuple[str, ...]]:
         return inference.probabilities(torch.from_numpy(images[:, None])).numpy()  # (N, 10)
 
     return predict, classes
+
+
+def _name(value: object) -> bool:
+    """A class name as predict prints it: a short printable string."""
+    return isinstance(value, str) and 0 < len(value) <= 100 and value.isprintable()
 
 
 def predict_files(

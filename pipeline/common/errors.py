@@ -77,12 +77,17 @@ def _redacting(factory: Callable[..., logging.LogRecord]) -> Callable[..., loggi
     def make(*args, **kwargs) -> logging.LogRecord:
         record = factory(*args, **kwargs)
         message = record.getMessage()
-        if "@" in message:
-            record.msg, record.args = redact(message), None
+        if (redacted := redact(message)) != message:
+            record.msg, record.args = redacted, None
         return record
 
     make.redacts = True  # type: ignore[attr-defined]
     return make
+
+
+def one_line(text: str) -> str:
+    """`text` on one line: a value from a file may hold newlines or control characters."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text.strip())
 
 
 def run_stage(main: Callable[[], None]) -> None:
@@ -104,7 +109,7 @@ def run_stage(main: Callable[[], None]) -> None:
             sys.stderr.flush()
             os._exit(0)
     except PipelineError as e:
-        sys.exit(f"error: {redact(str(e))}")
+        sys.exit(f"error: {one_line(redact(str(e)))}")
     except KeyboardInterrupt as e:
         terminated = isinstance(e, Terminated)
         # A stage adds what it kept as a note (train: its checkpoint); the default says what it did not write.

@@ -51,9 +51,9 @@ def load_model(path: Path, expected: ModelConfig | None = None) -> tuple[nn.Modu
         raise DataError(f"{path} not found; run the train stage first")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        saved = ModelConfig(**checkpoint["model"])
     except Exception as e:
         raise DataError(f"{path} is not a model checkpoint written by train ({type(e).__name__}: {e})") from e
+    saved = _model_config(path, checkpoint)
     if expected is not None and saved != expected:
         diff = ", ".join(
             f"model.{k}={getattr(saved, k)!r} in the file but {v!r} in params.yaml"
@@ -62,7 +62,7 @@ def load_model(path: Path, expected: ModelConfig | None = None) -> tuple[nn.Modu
         )
         raise DataError(f"{path} was trained with other model settings ({diff}); re-run the train stage")
     classes = checkpoint.get("classes", DIGITS)
-    if len(classes) != NUM_CLASSES or not all(isinstance(c, str) for c in classes):
+    if not isinstance(classes, list | tuple) or len(classes) != NUM_CLASSES or not all(_name(c) for c in classes):
         raise DataError(f"{path}: 'classes' must be {NUM_CLASSES} class names, got {classes!r:.200}")
     model = build_model(saved)
     try:
@@ -70,6 +70,26 @@ def load_model(path: Path, expected: ModelConfig | None = None) -> tuple[nn.Modu
     except (KeyError, RuntimeError) as e:
         raise DataError(f"{path}: weights do not fit the network of {saved} ({str(e)[:300]})") from e
     return model.eval(), tuple(classes)
+
+
+def _model_config(path: Path, checkpoint: Any) -> ModelConfig:
+    """The ModelConfig of a model file, every field checked as params.yaml's own (a file may come
+    from anyone: `"nf": 32.0` must not reach the network's constructor)."""
+    from pipeline.params import parse_section  # params' YAML loading stays out of the compute core's imports
+
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise DataError(f"{path} is not a model checkpoint written by train (no state_dict mapping)")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in checkpoint["state_dict"].items()):
+        raise DataError(f"{path}: state_dict must map names to tensors")
+    try:
+        return parse_section("model", ModelConfig, checkpoint.get("model"), path)
+    except ValueError as e:  # ParamsError: the field's name and what was expected
+        raise DataError(f"{path}: its model settings are not valid: {e}") from None
+
+
+def _name(value: Any) -> bool:
+    """A class name as plots and answers show it: a short printable string."""
+    return isinstance(value, str) and 0 < len(value) <= 100 and value.isprintable()
 
 
 def file_md5(path: Path) -> str:
@@ -109,9 +129,16 @@ def load_training(
     except Exception as e:  # unreadable: say so and start fresh
         log.warning("ignoring unreadable checkpoint %s (%s); starting fresh", path, e)
         return None
-    if state.get("fingerprint") != expected:
-        diff = differences(state.get("fingerprint", {}), expected)
+    not_ours = "ignoring checkpoint %s: not a training state written by train; starting fresh"
+    if not (isinstance(state, dict) and isinstance(state.get("fingerprint"), dict)):
+        log.warning(not_ours, path)
+        return None
+    if state["fingerprint"] != expected:
+        diff = differences(state["fingerprint"], expected)
         log.warning("checkpoint %s was made with other settings (%s); starting fresh", path, diff)
+    elif not _training_state(state):  # what fit and train read of it, before they read it
+        log.warning(not_ours, path)
+        return None
     elif len(state["history"]) > epochs:
         log.warning("checkpoint %s is past train.epochs=%d; starting fresh", path, epochs)
     else:
@@ -120,6 +147,23 @@ def load_training(
     if discard is not None:
         discard(state)
     return None
+
+
+def _training_state(state: Any) -> bool:
+    """Whether `state` has the fields train reads of it, and fit's fields of the right type."""
+    kinds = {"history": list, "fingerprint": dict, "run_id": str}
+    optional = {
+        "rows": list,
+        "model": dict,
+        "optimizer": dict,
+        "scheduler": dict,
+        "generator": torch.Tensor,
+        "torch_rng": torch.Tensor,
+    }
+    if not isinstance(state, dict) or not all(isinstance(state.get(k), t) for k, t in kinds.items()):
+        return False
+    typed = all(state.get(k) is None or isinstance(state[k], t) for k, t in optional.items())
+    return typed and all(isinstance(r, dict) for r in state["history"])
 
 
 def save_training(path: Path, state: dict[str, Any], expected: dict[str, Any], run_id: str, rows: list) -> None:

@@ -11,6 +11,7 @@ A new dataset in the same format (IDX files of 28x28 uint8 images, ten classes):
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from pipeline.common.files import write_json
 # The MNIST family's file names: train images, train labels, test images, test labels.
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 INFO_FILE = "dataset.json"
+FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # a file in its folder, or a dataset name
 
 
 def per_file(*values: str) -> dict[str, str]:
@@ -133,15 +135,32 @@ def write_info(folder: Path, info: DatasetInfo) -> None:
 
 
 def read_info(folder: Path, stage: str) -> DatasetInfo:
-    """The dataset.json in `folder`; a missing or malformed one names the stage that writes it."""
+    """The dataset.json in `folder`, every field checked (it may come from a teammate's commit or
+    a DVC remote): a missing or malformed one names the stage that writes it."""
     path = folder / INFO_FILE
     if not path.is_file():
         raise DataError(f"{path} not found; run the {stage} stage (again)")
     try:
         data = json.loads(path.read_text())
-        info = DatasetInfo(str(data["name"]), tuple(data["classes"]), tuple(data["files"]))
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, UnicodeDecodeError) as e:
         raise DataError(f"{path} is not a dataset description ({type(e).__name__}: {e})") from None
-    if not all(isinstance(c, str) for c in info.classes) or len(info.files) != 4:
-        raise DataError(f"{path}: expected a list of class names and four file names")
-    return info
+    if not isinstance(data, dict) or set(data) != {"name", "classes", "files"}:
+        expected = "expected exactly name, classes and files"
+        raise DataError(f"{path} is not a dataset description: {expected}; run the {stage} stage again")
+    name, classes, files = data["name"], data["classes"], data["files"]
+    if not (isinstance(name, str) and FILE_NAME.fullmatch(name)):
+        raise DataError(f"{path}: name must be letters, digits, '_', '.', '-', got {str(name)[:60]!r}")
+    if not (isinstance(classes, list) and classes and all(_printable(c) for c in classes)):
+        raise DataError(f"{path}: classes must be a list of class names (short printable strings)")
+    # File names only, inside `folder`: `../x` or `/etc/x` would make preprocess read outside data/raw.
+    if not (
+        isinstance(files, list)
+        and len(files) == 4
+        and all(isinstance(f, str) and FILE_NAME.fullmatch(f) for f in files)
+    ):
+        raise DataError(f"{path}: files must be four file names in {folder} (letters, digits, '_', '.', '-')")
+    return DatasetInfo(name, tuple(classes), tuple(files))
+
+
+def _printable(value: object) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= 100 and value.isprintable()

@@ -37,6 +37,8 @@ def check_idx(path: Path, images: bool) -> int:
         other = {IMAGE_MAGIC: "an images file", LABEL_MAGIC: "a labels file"}.get(int(header[0]), "not IDX uint8")
         raise DataError(f"{path}: IDX magic number {int(header[0])} ({other}), expected {magic} for {kind}")
     dims = [int(d) for d in header[1:]]
+    if dims[0] < 1:  # an empty split would fail later, far from its cause (labels.max() of nothing)
+        raise DataError(f"{path}: header says {dims[0]} {kind}; expected at least one")
     if images and dims[1:] != [28, 28]:
         raise DataError(f"{path}: images are {dims[1]}x{dims[2]}, expected 28x28")
     expected = header_size + int(np.prod(dims))

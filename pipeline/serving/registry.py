@@ -30,12 +30,20 @@ SETTLE_ROUNDS = 10  # moves of the alias before giving up; racing evaluations se
 
 
 def accuracy_of(version: ModelVersion) -> float:
-    """The version's test accuracy tag; -inf without one (it never beats a version that has one)."""
+    """The version's test accuracy tag; -inf without a valid one, a finite number in [0, 1] (it never
+    beats a version that has one: a tag of `inf`, written by anyone, must not keep the alias forever)."""
     try:
         value = float(version.tags.get(ACCURACY_TAG, "nan"))
-    except ValueError:
+    except (TypeError, ValueError):
         value = math.nan
-    return -math.inf if math.isnan(value) else value
+    return value if math.isfinite(value) and 0 <= value <= 1 else -math.inf
+
+
+def quoted(value: str, what: str) -> str:
+    """`value` inside single quotes for an MLflow filter string; one that could end the quote refused."""
+    if not isinstance(value, str) or not value or not value.isprintable() or any(c in value for c in "'\"\\"):
+        raise PipelineError(f"{what} {str(value)[:80]!r} cannot go into an MLflow search: no quotes or backslashes")
+    return f"'{value}'"
 
 
 def champion(client: MlflowClient, name: str) -> ModelVersion | None:
@@ -65,7 +73,7 @@ def best_version(versions: list[ModelVersion]) -> ModelVersion:
 def settle_champion(client: MlflowClient, name: str) -> ModelVersion:
     """Point the alias at the best registered version, re-reading after each move; return it."""
     for _ in range(SETTLE_ROUNDS):
-        best = best_version(client.search_model_versions(f"name = '{name}'"))
+        best = best_version(client.search_model_versions(f"name = {quoted(name, 'register.name')}"))
         current = champion(client, name)
         if current is not None and str(current.version) == str(best.version):
             return best
@@ -77,7 +85,8 @@ def serving_model_uri(client: MlflowClient, run_id: str) -> str:
     """URI of the run's logged serving model (models:/m-...), the form MLflow 3 registers."""
     run = client.get_run(run_id)
     found = client.search_logged_models(
-        experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = '{ARTIFACT}'"
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = {quoted(run_id, 'run id')} AND name = '{ARTIFACT}'",
     )
     if not found:
         raise PipelineError(f"run {run_id} has no logged model '{ARTIFACT}'; rerun the train stage")
@@ -103,7 +112,9 @@ def register_if_good(run_id: str, accuracy: float, cfg: RegisterConfig) -> str:
     with one_line(cfg.name):
         before = champion(client, cfg.name)  # an unreadable champion stops here, before any write
         uri = serving_model_uri(client, run_id)
-        known = [v for v in client.search_model_versions(f"name = '{cfg.name}'") if v.source == uri]
+        known = [
+            v for v in client.search_model_versions(f"name = {quoted(cfg.name, 'register.name')}") if v.source == uri
+        ]
         if known:
             version, done = known[0], f"{cfg.name} version {known[0].version} is this model, registered before"
         else:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline import recipe
+from pipeline.common import credentials
 from pipeline.common.errors import ParamsError, run_stage
 from pipeline.sweep import study as studies
 from pipeline.sweep.spec import SWEEPS, load_sweep
@@ -53,11 +55,12 @@ def main() -> None:
 
     if args.command == "list":
         for path in sorted(SWEEPS.glob("*.yaml")):
-            summary = path.read_text().splitlines()[0].lstrip("# ").removeprefix(f"{path.stem}: ")
+            summary = recipe.summary(path).removeprefix(f"{path.stem}: ")
             print(f"{path.stem:20s} {summary}")
         return
     sweep = load_sweep(args.name, args.sweeps)
     url = args.storage or studies.default_storage()
+    credentials.remember(url)  # masked in every message from here on, its password too
     if args.command == "show":
         return show_board(sweep, url, args.top)
     if args.jobs < 1:
@@ -74,6 +77,7 @@ def main() -> None:
 
 def show_board(sweep, url: str, top: int) -> None:
     study = studies.load(sweep.name, url)
+    studies.check_versions(study, sweep)  # a changed file's recipe: and fixed: would mix with the old params
     done = {s.name: studies.count(study, s) for s in studies.DONE}
     running = studies.count(study, studies.TrialState.RUNNING)
     rows = studies.leaderboard(study, top)
@@ -86,7 +90,7 @@ def show_board(sweep, url: str, top: int) -> None:
     if path := studies.write_best_recipe(study, sweep):
         best = study.best_trial
         print(f"best: trial {best.number}, {sweep.objective} {best.value:.4f} -> {path}")
-        print(f"reproduce it through DVC: dvc exp run $(python -m pipeline.recipe {sweep.name}-best)")
+        print(f"reproduce it through DVC: python -m pipeline.recipe {sweep.name}-best --run")
 
 
 if __name__ == "__main__":

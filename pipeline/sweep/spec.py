@@ -4,7 +4,7 @@ budget, the sampler and the pruner; validated at load time with the key's name."
 from __future__ import annotations
 
 import hashlib
-import re
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,14 @@ class Dimension:
             return trial.suggest_int(self.key, int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
         return trial.suggest_categorical(self.key, list(self.choices))
 
+    def contains(self, value: Any) -> bool:
+        """Whether `value` is a point of this dimension (a study written elsewhere may hold anything)."""
+        if self.kind == "categorical":
+            return any(type(value) is type(c) and value == c for c in self.choices)
+        number = int if self.kind == "int" else (int, float)
+        ok = isinstance(value, number) and not isinstance(value, bool) and math.isfinite(value)
+        return ok and self.low <= value <= self.high
+
     def grid(self) -> list[Any]:
         """Every value, for the grid sampler: categorical choices or an int range."""
         if self.kind == "categorical":
@@ -73,6 +81,8 @@ class Sweep:
     sampler: dict[str, Any] = field(default_factory=lambda: {"name": "tpe"})
     pruner: dict[str, Any] = field(default_factory=lambda: {"name": "median"})
     heartbeat: int = 10
+    max_failures: int = 3  # trials in a row that raise before a worker stops
+    base_digest: str | None = None  # SHA-256 of the base recipe's file: a study belongs to one version of it too
 
     @property
     def direction(self) -> str:
@@ -83,11 +93,11 @@ class Sweep:
         name, options = self.sampler["name"], {k: v for k, v in self.sampler.items() if k not in ("name", "seed")}
         if name == "grid":
             return optuna.samplers.GridSampler({d.key: d.grid() for d in self.params}, seed=seed)
-        return _construct(SAMPLERS[name], options | {"seed": seed}, "sampler")
+        return _construct(SAMPLERS[name], options | {"seed": seed}, f"{self.path}: sampler")
 
     def make_pruner(self) -> optuna.pruners.BasePruner:
         options = {k: v for k, v in self.pruner.items() if k != "name"}
-        return _construct(PRUNERS[self.pruner["name"]], options, "pruner")
+        return _construct(PRUNERS[self.pruner["name"]], options, f"{self.path}: pruner")
 
     def overrides(self, trial: optuna.Trial) -> dict[str, Any]:
         """The flat params.yaml keys of one trial: the fixed ones, then the sampled ones."""
@@ -120,13 +130,14 @@ def _base(name: str | None) -> dict[str, dict[str, Any]] | None:
 def _construct(cls: type, options: dict[str, Any], key: str) -> Any:
     try:
         return cls(**options)
-    except TypeError as e:  # an unknown or missing setting: Optuna's own words name it
-        raise ParamsError(f"{key}: {e}") from None
+    except (TypeError, ValueError) as e:  # an unknown setting or a bad value: Optuna's own words name it
+        raise ParamsError(f"{key}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
 
 
 def _check(ok: bool, key: str, expected: str, got: Any) -> None:
-    if not ok:
-        raise ParamsError(f"{key} must be {expected}, got {got!r}")
+    if not ok:  # a key from the file may hold a newline: the message stays one line
+        key = "".join(c if c.isprintable() else repr(c)[1:-1] for c in key)
+        raise ParamsError(f"{key} must be {expected}, got {got!r:.200}")
 
 
 def _searchable(key: str, path: Path) -> None:
@@ -147,25 +158,32 @@ def _dimension(key: str, raw: Any, path: Path) -> Dimension:
     if kind == "categorical":
         choices = raw.get("choices")
         _check(isinstance(choices, list) and len(choices) > 0, f"{where}.choices", "a non-empty list", choices)
+        plain = all(c is None or isinstance(c, str | int | float | bool) for c in choices)
+        _check(plain, f"{where}.choices", "a list of numbers, strings, booleans or null", choices)
         return Dimension(key, kind, choices=tuple(choices))
     low, high = raw.get("low"), raw.get("high")
     number = int if kind == "int" else (int, float)
     for bound, value in (("low", low), ("high", high)):
-        ok = isinstance(value, number) and not isinstance(value, bool)
+        ok = isinstance(value, number) and not isinstance(value, bool) and math.isfinite(value)
         _check(ok, f"{where}.{bound}", f"a{'n integer' if kind == 'int' else ' number'}", value)
     _check(low <= high, f"{where}.high", f">= low ({low})", high)
     log = raw.get("log", False)
     _check(isinstance(log, bool) and (not log or low > 0), f"{where}.log", "true only with low > 0", log)
-    return Dimension(key, kind, low=low, high=high, log=log, step=raw.get("step"))
+    step = raw.get("step")
+    if step is not None:
+        ok = isinstance(step, number) and not isinstance(step, bool) and math.isfinite(step) and step > 0
+        _check(ok, f"{where}.step", f"a positive {'integer' if kind == 'int' else 'number'}", step)
+        _check(not log, f"{where}.step", "absent with log: true (Optuna takes one or the other)", step)
+    return Dimension(key, kind, low=low, high=high, log=log, step=step)
 
 
-SWEEP_KEYS = {"recipe", "fixed", "params", "objective", "trials", "sampler", "pruner", "heartbeat"}
+SWEEP_KEYS = {"recipe", "fixed", "params", "objective", "trials", "sampler", "pruner", "heartbeat", "max_failures"}
 
 
 def load_sweep(name: str, folder: Path = SWEEPS) -> Sweep:
     """Read and check sweeps/<name>.yaml; every key is checked before any trial runs."""
     path = folder / f"{name}.yaml"
-    _check(re.fullmatch(r"[\w.-]{1,100}", name) is not None, "the sweep name", "letters, digits, '.', '_', '-'", name)
+    recipe.check_name(name, "sweep")
     if not path.is_file():
         found = ", ".join(sorted(p.stem for p in folder.glob("*.yaml"))) or "none"
         raise ParamsError(f"no sweep {name!r} ({path} not found); sweeps: {found}")
@@ -179,32 +197,82 @@ def load_sweep(name: str, folder: Path = SWEEPS) -> Sweep:
     _check(isinstance(fixed, dict), f"{path}: fixed", "a mapping of params.yaml keys to values", fixed)
     for key in fixed:
         _searchable(str(key), path)
+    base = raw.get("recipe")
+    ok = base is None or (isinstance(base, str) and recipe.NAME.fullmatch(base) is not None)
+    _check(ok, f"{path}: recipe", "the name of a recipe in recipes/", base)
     objective = raw.get("objective", "val_accuracy")
     _check(objective in OBJECTIVES, f"{path}: objective", f"one of {', '.join(OBJECTIVES)}", objective)
     trials = raw.get("trials")
-    _check(isinstance(trials, int) and trials >= 1, f"{path}: trials", "an integer >= 1", trials)
+    _check(_integer(trials) and trials >= 1, f"{path}: trials", "an integer >= 1", trials)
     sampler = _named(raw.get("sampler", {"name": "tpe"}), SAMPLERS, f"{path}: sampler")
+    seed = sampler.get("seed", 0)
+    _check(seed is None or (_integer(seed) and 0 <= seed < 2**31), f"{path}: sampler.seed", "an integer >= 0", seed)
     pruner = _named(raw.get("pruner", {"name": "median"}), PRUNERS, f"{path}: pruner")
     heartbeat = raw.get("heartbeat", 10)
-    _check(isinstance(heartbeat, int) and heartbeat >= 1, f"{path}: heartbeat", "whole seconds >= 1", heartbeat)
+    _check(_integer(heartbeat) and heartbeat >= 1, f"{path}: heartbeat", "whole seconds >= 1", heartbeat)
+    max_failures = raw.get("max_failures", 3)
+    _check(_integer(max_failures) and max_failures >= 1, f"{path}: max_failures", "an integer >= 1", max_failures)
     sweep = Sweep(
         name=name,
         path=path,
-        digest=hashlib.sha256(path.read_bytes()).hexdigest(),
+        digest=_digest(path),
         params=dims,
         trials=trials,
         objective=objective,
-        base=raw.get("recipe"),
+        base=base,
         fixed={str(k): v for k, v in fixed.items()},
         sampler=sampler,
         pruner=pruner,
         heartbeat=heartbeat,
+        max_failures=max_failures,
+        base_digest=_digest(recipe.RECIPES / f"{base}.yaml") if base else None,
     )
-    # Fail now, not in trial 7: the base recipe, the settings of sampler and pruner, one point of the space.
-    sweep.make_sampler(seed=0)
-    sweep.make_pruner()
+    # Fail now, not in trial 7: the base recipe, the settings of sampler and pruner, points of the space.
     sweep.configs({d.key: d.grid()[0] if d.kind == "categorical" else d.low for d in dims} | sweep.fixed)
+    rehearse(sweep)
     return sweep
+
+
+def rehearse(sweep: Sweep, trials: int = 12) -> None:
+    """Build the sampler and pruner and run them on a study in memory: `trials` trials sampled from
+    every distribution, reporting 3 epochs each (past TPE's start-up when n_startup_trials is small).
+    A setting that Optuna refuses only there (a string for a number, a percentile of 200) fails
+    now with the key's name, not inside the first trial of every worker."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory" at each load
+    try:
+        sampler = sweep.make_sampler(seed=0)
+        if sweep.sampler["name"] == "grid":  # built above; in a study it stops it once the grid is done
+            sampler = optuna.samplers.RandomSampler(seed=0)
+        study = optuna.create_study(sampler=sampler, pruner=sweep.make_pruner(), direction=sweep.direction)
+        _rehearse(sweep, study, trials)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+def _rehearse(sweep: Sweep, study: optuna.Study, trials: int) -> None:
+    for i in range(trials):
+        trial = study.ask()
+        where = f"{sweep.path}: sampler"
+        try:
+            for d in sweep.params:
+                where = f"{sweep.path}: params.{d.key} (or the sampler)"
+                d.suggest(trial)
+            where = f"{sweep.path}: pruner"
+            for epoch in (1, 2, 3):
+                trial.report(0.5 + 0.01 * ((i * 7 + epoch) % 10), epoch)
+                trial.should_prune()
+            study.tell(trial, 0.5 + 0.01 * (i % 10))
+        except (TypeError, ValueError, ArithmeticError, KeyError, IndexError) as e:
+            raise ParamsError(f"{where}: {type(e).__name__}: {str(e).strip()[:200] or 'refused'}") from None
+
+
+def _digest(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _named(raw: Any, known: dict[str, Any], key: str) -> dict[str, Any]:

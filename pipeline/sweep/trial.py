@@ -16,6 +16,7 @@ from mlflow.data.dataset import Dataset
 from pipeline.common.errors import ParamsError
 from pipeline.core.engine import Split, Step, TrainingDiverged, build, fit
 from pipeline.params import MlflowConfig, load_section
+from pipeline.sweep.budget import one_line
 from pipeline.sweep.spec import Sweep
 from pipeline.sweep.study import RUN_ID_ATTR
 from pipeline.tracking import datasets, provenance, store, tags
@@ -49,7 +50,7 @@ class Objective:
         attrs = {RUN_ID_ATTR: run.info.run_id, "threads": run_tags["threads"], "device": str(self.device)}
         for key, value in {**attrs, "worker": self.worker}.items():
             trial.set_user_attr(key, value)
-        status, state, diverged = "FAILED", "FAIL", False
+        status, state, diverged, failure = "FAILED", "FAIL", False, None
         try:
             mlflow.log_params(provenance.flat_params(model=model_cfg, train=cfg))
             datasets.log_input(self.dataset, context="training")
@@ -75,6 +76,9 @@ class Objective:
         except KeyboardInterrupt:
             status = "KILLED"
             raise
+        except Exception as e:  # CUDA out of memory, a bad batch: this trial fails, the worker goes on
+            failure = one_line(e)
+            raise
         finally:
-            mlflow.set_tags(tags.trial_end_tags(state, diverged=diverged))
+            mlflow.set_tags(tags.trial_end_tags(state, diverged=diverged, failure=failure))
             mlflow.end_run(status=status)

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from pathlib import Path
 
 import torch
-from optuna.trial import TrialState
 
 from pipeline.core.checkpoint import file_md5
 from pipeline.core.runtime import pick_device, tune_malloc
 from pipeline.data.datasets import read_info
 from pipeline.data.splits import load_split
+from pipeline.sweep import budget
 from pipeline.sweep import study as studies
 from pipeline.sweep.spec import Sweep
 from pipeline.sweep.trial import Objective
@@ -24,7 +23,6 @@ log = logging.getLogger("pipeline.sweep")
 # Indexes that cluster schedulers give the workers of one submission: Slurm job arrays, Kubernetes
 # indexed Jobs. They keep the workers' sampler seeds apart.
 ARRAY_INDEX_VARS = ("SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX")
-WAIT_SECONDS = 2.0  # how often an idle worker looks at trials running elsewhere
 
 
 def worker_seed(base: int | None, local_index: int, jobs: int, trials_so_far: int) -> int | None:
@@ -37,8 +35,7 @@ def worker_seed(base: int | None, local_index: int, jobs: int, trials_so_far: in
 
 
 def work(sweep: Sweep, url: str, data: Path, local_index: int = 0, jobs: int = 1) -> None:
-    """Run trials until the study holds sweep.trials complete or pruned ones. A trial that another
-    worker was running when it died is failed after 2 heartbeats and run again here."""
+    """Run trials until the study holds sweep.trials complete or pruned ones (budget.run_trials)."""
     tune_malloc()
     store.connect()  # MLFLOW_TRACKING_URI, else the repository's store; a dead server fails now
     device = pick_device("auto", "the sweep's device")
@@ -53,21 +50,7 @@ def work(sweep: Sweep, url: str, data: Path, local_index: int = 0, jobs: int = 1
     objective = Objective(sweep, _to(train, device), _to(val, device), dataset, device, run_tags)
     threads, where = torch.get_num_threads(), studies.redact(url)
     log.info("worker on %s with %d thread(s), study %r at %s", device, threads, sweep.name, where)
-    waiting_said = False
-    while True:
-        studies.fail_stale(study)
-        done = studies.count(study, *studies.DONE)
-        if done >= sweep.trials:
-            break
-        queued = studies.count(study, TrialState.WAITING)  # retries of trials whose worker died
-        running = studies.count(study, TrialState.RUNNING)
-        if not queued and done + running >= sweep.trials:  # the rest is running elsewhere: wait
-            if not waiting_said:
-                log.info("%d trial(s) left, running in other workers; waiting in case one dies", running)
-                waiting_said = True
-            time.sleep(WAIT_SECONDS)
-            continue
-        study.optimize(objective, n_trials=1, gc_after_trial=False)
+    done = budget.run_trials(study, objective, sweep.trials, sweep.max_failures)
     if path := studies.write_best_recipe(study, sweep):
         log.info("study %r done: %d trials; best trial %d, %s %.4f; wrote %s", sweep.name, done,
                  study.best_trial.number, sweep.objective, study.best_value, path)  # fmt: skip

@@ -23,7 +23,7 @@ from mlflow.entities import LoggedModelInput, Metric
 from mlflow.exceptions import MlflowException
 from mlflow.utils.time import get_current_time_millis
 
-from pipeline.common.errors import PipelineError
+from pipeline.common.errors import PipelineError, redact
 from pipeline.tracking import datasets, runs, store, tags
 
 
@@ -32,8 +32,15 @@ def evaluation_run(info: dict[str, Any]) -> Iterator[mlflow.ActiveRun]:
     """Start the evaluation of the model that the run in `info` (read_run_file) trained, as a child
     of that run; under `mlflow run` (MLFLOW_RUN_ID), log into that run instead. Ends FINISHED,
     KILLED or FAILED; the training run's status and params are not touched."""
-    # No URI in the file: train used the repository's own store (see save_run_file).
-    store.connect(None if "MLFLOW_TRACKING_URI" in os.environ else info.get("tracking_uri"))
+    # No URI in the file: train used the repository's own store (see save_run_file). Another URI in a
+    # committed file must not choose where this user's MLflow credentials are sent.
+    recorded = info.get("tracking_uri")
+    if recorded and "MLFLOW_TRACKING_URI" not in os.environ and recorded != store.repo_store_uri():
+        raise PipelineError(
+            f"the run file names the tracking store {redact(str(recorded))}, not this repository's; set "
+            "MLFLOW_TRACKING_URI to it if you trust it (your MLflow credentials go there), then run evaluate again"
+        )
+    store.connect(None if "MLFLOW_TRACKING_URI" in os.environ else recorded)
     model_run_id = info["run_id"]
     try:
         if run_id := os.environ.get("MLFLOW_RUN_ID"):
