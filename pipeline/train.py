@@ -89,7 +89,8 @@ def main() -> None:
     mlflow_cfg = load_section("mlflow", MlflowConfig)
     if not distributed.under_torchrun():
         if cfg.nproc * cfg.nnodes > 1:
-            return launch.start_workers(cfg, args.checkpoint, connect=store.connect)
+            device = pick_device(cfg.device, "train.device")
+            return launch.start_workers(cfg, device, args.checkpoint, connect=store.connect)
         world, device = distributed.ALONE, pick_device(cfg.device, "train.device")
     else:  # a worker of torchrun (by hand, or started by launch.start_workers above)
         world, device = distributed.join(cfg.device, cfg.batch_size)

@@ -96,3 +96,27 @@ def test_the_closure_follows_lazy_imports_and_files_used_by_path() -> None:
     # change there leaves every evaluation's run-cache entry valid.
     evaluate = closure("pipeline.evaluate")
     assert not {p for p in evaluate if p.startswith("pipeline/parallel/")} and "pipeline/core/engine.py" not in evaluate
+
+
+def folder_of(path: Path) -> str:
+    """A file's room: its folder under pipeline/ (core, data, ...), or the top-level module itself."""
+    rel = path.relative_to(PACKAGE)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
+
+
+def test_no_import_cycle_between_folders() -> None:
+    """Rooms import one way: no chain of imports leads from a folder back to itself (type hints
+    under TYPE_CHECKING aside), so a lower layer never needs a higher one to load."""
+    edges: dict[str, set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        edges.setdefault(folder_of(path), set()).update(
+            folder_of(dep) for dep in imported(path) if dep.is_relative_to(PACKAGE) and dep.stem != "__init__"
+        )
+    for start in edges:
+        todo, seen = list(edges[start] - {start}), set()
+        while todo:
+            room = todo.pop()
+            assert room != start, f"an import cycle leads from pipeline/{start} back to itself"
+            if room not in seen:
+                seen.add(room)
+                todo.extend(edges.get(room, set()) - {room})

@@ -14,6 +14,7 @@ import zipfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -21,7 +22,9 @@ from pipeline.common.errors import DataError
 from pipeline.common.files import check_writable
 from pipeline.data.datasets import Dataset, Wheel
 from pipeline.data.idx import idx_bytes, md5
-from pipeline.params import DownloadConfig
+
+if TYPE_CHECKING:  # a type hint only: params.py imports data/, not the other way round
+    from pipeline.params import DownloadConfig
 
 # A source maps each file name to its uncompressed bytes, or raises.
 Source = Callable[[], dict[str, bytes]]

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 from pipeline.common.errors import ParamsError, PipelineError, Terminated
-from pipeline.core.runtime import pick_device
 from pipeline.params import TrainConfig
 
 RDZV_WAIT = 60.0  # seconds a machine of node rank > 0 waits for node 0's rendezvous endpoint
@@ -113,11 +112,12 @@ def start(nproc: int, nnodes: int, endpoint: str | None, argv: list[str]) -> Non
         raise (KeyboardInterrupt if e.sigval == signal.SIGINT else Terminated)() from None
 
 
-def start_workers(cfg: TrainConfig, kept: Path, connect: Callable[[], None]) -> None:
-    """train.nproc x train.nnodes > 1: start this machine's workers through torchrun's elastic agent,
-    on the machine of rank 0 after `connect` (rank 0 will log: a dead server fails now, before any
-    process starts). A failure says that `kept`, the training checkpoint, resumes the last epoch."""
-    check_devices(cfg.nproc, pick_device(cfg.device, "train.device"))
+def start_workers(cfg: TrainConfig, device: torch.device, kept: Path, connect: Callable[[], None]) -> None:
+    """train.nproc x train.nnodes > 1: start this machine's workers through torchrun's elastic agent
+    on `device` (train.device as the caller resolved it), on the machine of rank 0 after `connect`
+    (rank 0 will log: a dead server fails now, before any process starts). A failure says that
+    `kept`, the training checkpoint, resumes the last epoch."""
+    check_devices(cfg.nproc, device)
     if cfg.nnodes == 1 or node_rank(cfg.nnodes) == 0:
         connect()
     try:
