@@ -15,7 +15,7 @@ from mlflow.exceptions import MlflowException
 
 from bench import serve_load
 from pipeline.core.checkpoint import load_model
-from pipeline.core.inference import prepare
+from pipeline.core.inference import precision_setting, prepare
 from pipeline.core.runtime import cpu_has_native_bf16
 from pipeline.data.splits import load_split
 from pipeline.serving import pyfunc
@@ -163,7 +163,9 @@ def server(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 @pytest.mark.slow
 def test_each_worker_runs_its_share_of_the_cores_in_the_fast_layout(server) -> None:
     said = set(re.findall(r"pipeline\.serving\.pyfunc: (.*)", server.log.read_text()))  # one line per worker, alike
-    precision = "bf16 autocast" if cpu_has_native_bf16() else "fp32"
+    # INFERENCE_PRECISION if set (the suite runs once with each), else auto: bf16 where native.
+    setting = precision_setting()
+    precision = "bf16 autocast" if setting == "bf16" or (setting == "auto" and cpu_has_native_bf16()) else "fp32"
     threads, cores = max(1, pyfunc.cores() // 2), pyfunc.cores()
     assert said == {
         f"classifier runs in {precision}, channels_last, {threads} torch thread(s) ({cores} cores / 2 worker(s))"
