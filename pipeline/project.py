@@ -19,6 +19,8 @@ import subprocess
 from pathlib import Path
 
 from mlflow import MlflowClient
+from mlflow.entities import Metric, RunTag
+from mlflow.utils.time import get_current_time_millis
 
 from pipeline.common.credentials import without_credentials
 from pipeline.common.errors import PipelineError, run_stage
@@ -80,13 +82,12 @@ def note_cache_hit(run_id: str, name: str) -> None:
     if trained_by == run_id:
         return
     client = MlflowClient()
-    client.set_tag(run_id, "dvc.exp_name", name)
-    client.set_tag(run_id, "dvc.run_cache", "hit")
-    for key, value in tags.model_run_tag(trained_by).items():
-        client.set_tag(run_id, key, value)
+    run_tags = [RunTag(key, value) for key, value in tags.cache_hit_tags(name, trained_by).items()]
+    metrics = []
     if "test_accuracy" not in client.get_run(run_id).data.metrics:  # evaluate did not run into it
-        for key, value in json.loads(METRICS_FILE.read_text()).items():
-            client.log_metric(run_id, key, value)
+        now = get_current_time_millis()
+        metrics = [Metric(key, value, now, 0) for key, value in json.loads(METRICS_FILE.read_text()).items()]
+    client.log_batch(run_id, metrics=metrics, tags=run_tags, synchronous=True)
     log.info("restored from DVC's run-cache: nothing trained; MLflow run %s trained this model", trained_by)
 
 

@@ -58,23 +58,6 @@ def test_run_calls_dvc_exp_run_with_an_argument_list(monkeypatch) -> None:
     assert "train.betas=[0.9,0.999]" in cmd and cmd[8:10] == ["-S", "model.arch=fast"]
 
 
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        ('train:\n  device: "cuda:0\\n--force\\n--copy-paths\\n/etc/passwd"\n', "train.device must be auto, cpu"),
-        ("train:\n  device: cuda:x\n", "train.device must be auto, cpu, cuda, cuda:N or mps"),
-        ('model:\n  arch: "fast --force"\n', "model.arch must"),
-        ('train:\n  schedule: "onecycle\\t"\n', "train.schedule must"),
-        ("", "must hold a mapping of sections, got NoneType"),
-        ("train: 3\n", "train must be a mapping"),
-    ],
-)
-def test_a_recipe_value_that_could_become_other_flags_is_refused_naming_the_key(tmp_path, text, message) -> None:
-    (tmp_path / "bad.yaml").write_text(text)
-    with pytest.raises(ParamsError, match=message):
-        recipe.load_recipe("bad", tmp_path, REPO / "params.yaml")
-
-
 def test_a_string_with_glob_or_space_is_refused_and_a_list_of_another_length_needs_run() -> None:
     for value in ("fa*st", "fa?t", "[ab]", "a b", "a\x00b", "ünï"):
         with pytest.raises(ParamsError, match="model.arch must hold only letters"):
@@ -100,9 +83,16 @@ def test_an_empty_file_is_listed_without_a_traceback(tmp_path) -> None:
         ("train:\n  learning_rate: 0.1\n", "unknown key train.learning_rate"),
         ("train:\n  lr: -1\n", "train.lr must be a positive number"),
         ("evaluate:\n  batch_size: 8\n", "a recipe sets model, train, not 'evaluate'"),
+        # values that `$(...)` would split into other flags, and files that are no recipe
+        ('train:\n  device: "cuda:0\\n--force\\n--copy-paths\\n/etc/passwd"\n', "train.device must be auto, cpu"),
+        ("train:\n  device: cuda:x\n", "train.device must be auto, cpu, cuda, cuda:N or mps"),
+        ('model:\n  arch: "fast --force"\n', "model.arch must"),
+        ('train:\n  schedule: "onecycle\\t"\n', "train.schedule must"),
+        ("", "must hold a mapping of sections, got NoneType"),
+        ("train: 3\n", "train must be a mapping"),
     ],
 )
-def test_a_bad_recipe_names_the_key(tmp_path, text, message) -> None:
+def test_a_bad_recipe_or_a_value_that_could_become_flags_is_refused_naming_the_key(tmp_path, text, message) -> None:
     (tmp_path / "bad.yaml").write_text(text)
     with pytest.raises(ParamsError, match=message):
         recipe.load_recipe("bad", tmp_path, REPO / "params.yaml")

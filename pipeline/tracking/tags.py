@@ -83,6 +83,12 @@ def model_run_tag(model_run_id: str) -> dict[str, str]:
     return {"model_run_id": model_run_id}
 
 
+def cache_hit_tags(exp_name: str, model_run_id: str) -> dict[str, str]:
+    """An `mlflow run` whose training DVC restored from its run-cache: its DVC experiment, the hit,
+    and the run that trained the model (pipeline.project)."""
+    return {**dvc_tags({"DVC_EXP_NAME": exp_name}), "dvc.run_cache": "hit", **model_run_tag(model_run_id)}
+
+
 def evaluation_tags(model_run_id: str, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     """An evaluation run's: nested under the run that trained the model, and its DVC experiment."""
     return {PARENT_RUN_ID: model_run_id, **model_run_tag(model_run_id), **dvc_tags(environ)}
