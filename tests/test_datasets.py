@@ -24,7 +24,9 @@ from pipeline.data.datasets import DATASETS, FASHION_MNIST, IDX_FILES, MNIST, re
 from pipeline.data.idx import check_idx, md5
 from pipeline.data.splits import load_split
 
-from .conftest import evaluations_of, needed, run_id_of, run_main
+from .helpers.repo import needed
+from .helpers.stages import run_main
+from .helpers.tracking import evaluations_of, run_id_of
 
 DEBIAN = Path(FASHION_MNIST.local_dir)
 # The mirror's gzip headers, as its files carry them (torchvision's MD5s below pin those bytes):

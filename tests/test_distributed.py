@@ -16,12 +16,12 @@ import torch.multiprocessing as mp
 
 from pipeline.common.errors import ParamsError, PipelineError
 from pipeline.core import engine
-from pipeline.core.model import build_model
 from pipeline.parallel import distributed, launch
 from pipeline.parallel.distributed import World
-from pipeline.params import ModelConfig, TrainConfig
+from pipeline.params import TrainConfig
 
-from .conftest import run_main, set_params, synthetic_digits, train_until_checkpoint
+from .helpers.stages import run_main, set_params, train_until_checkpoint
+from .helpers.trainings import fit_tiny
 
 # Per-epoch losses of 2 ranks vs 1 process on this tiny task: the same math, so only float
 # rounding differs (measured: about 1e-7 relative; the real data's figure: docs/distributed.md).
@@ -29,17 +29,9 @@ TINY_TOLERANCE = 1e-4
 CFG = TrainConfig(epochs=3, batch_size=32, lr=2e-3, seed=3, device="cpu", precision="fp32")
 
 
-def tiny_split(n: int = 192) -> tuple[torch.Tensor, torch.Tensor]:
-    x, y = synthetic_digits(n, seed=0)
-    return torch.from_numpy(x).unsqueeze(1), torch.from_numpy(y).long()
-
-
-def trained(arch: str, world: World = distributed.ALONE) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    torch.manual_seed(CFG.seed)
-    model = build_model(ModelConfig(arch=arch, nf=8)).to(memory_format=torch.channels_last)
-    data = tiny_split()
-    history = engine.fit(model, data, data, CFG, engine.Step.of(CFG, torch.device("cpu"), world))
-    return history, model.state_dict()
+def fit_as(arch: str, world: World = distributed.ALONE) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """The tiny training of `arch` as one rank of `world`: (its history, its weights)."""
+    return fit_tiny(CFG, arch, step=engine.Step.of(CFG, torch.device("cpu"), world))
 
 
 def ddp_worker(rank: int, size: int, out: Path) -> None:
@@ -47,7 +39,7 @@ def ddp_worker(rank: int, size: int, out: Path) -> None:
     dist.init_process_group("gloo", init_method=f"file://{out / 'store'}", rank=rank, world_size=size)
     world = World(rank, size, rank, "gloo")
     # fast: BatchNorm over the global batch; each arch twice, for determinism at a fixed world size
-    results = {(arch, i): trained(arch, world) for arch in ("tutorial", "fast") for i in (0, 1)}
+    results = {(arch, i): fit_as(arch, world) for arch in ("tutorial", "fast") for i in (0, 1)}
     torch.save(results, out / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -94,7 +86,7 @@ def test_two_gloo_ranks_match_one_process_agree_and_repeat_bit_for_bit(tmp_path)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # as each rank: fast also when other work shares the cores
         try:
-            alone, _ = trained(arch)
+            alone, _ = fit_as(arch)
         finally:
             torch.set_num_threads(threads)
         assert [r["epoch"] for r in h0] == [1, 2, 3]

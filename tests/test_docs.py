@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from .helpers.repo import REPO
 
 README = REPO / "README.md"
 DOCS = REPO / "docs"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from .helpers.repo import REPO
 
 PACKAGE = REPO / "pipeline"
 # Files a module uses by path rather than by import: MLflow loads the served model's code from it.

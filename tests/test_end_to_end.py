@@ -13,7 +13,8 @@ import yaml
 from mlflow import MlflowClient
 
 from .browser import Browser, Visit, chromium
-from .conftest import evaluations_of, needed, sh, sh_env, synthetic_repo
+from .helpers.repo import needed, sh, sh_env, synthetic_repo
+from .helpers.tracking import evaluations_of
 
 pytestmark = pytest.mark.slow
 

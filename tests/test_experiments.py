@@ -19,7 +19,9 @@ from pipeline.params import MlflowConfig, ModelConfig, TrainConfig
 from pipeline.tracking import runs, store
 from pipeline.tracking.evaluation_run import evaluation_run
 
-from .conftest import REPO, evaluations_of, run_main, set_params, train_until_checkpoint
+from .helpers.repo import REPO
+from .helpers.stages import run_main, set_params, train_until_checkpoint
+from .helpers.tracking import evaluations_of
 
 
 @pytest.fixture

@@ -23,7 +23,10 @@ from pipeline.data.idx import idx_bytes
 from pipeline.params import MlflowConfig
 from pipeline.tracking import checkpoint_run, runs, store
 
-from .conftest import REPO, run_id_of, run_main, set_params, synthetic_digits, train_until_checkpoint
+from .helpers.data import synthetic_digits
+from .helpers.repo import REPO
+from .helpers.stages import run_main, set_params, train_until_checkpoint
+from .helpers.tracking import run_id_of
 
 images, labels = synthetic_digits(10, seed=0)
 RAW_CASES = {

@@ -16,7 +16,8 @@ from mlflow import MlflowClient
 from pipeline import evaluate, train
 from pipeline.common.errors import PipelineError
 
-from .conftest import REPO, run_main, set_params, tiny_params
+from .helpers.repo import REPO, tiny_params
+from .helpers.stages import run_main, set_params
 
 
 @contextmanager

@@ -34,7 +34,7 @@ from pipeline.data.idx import IMAGE_MAGIC, LABEL_MAGIC, read_idx
 from pipeline.predict import ImageError, load_image
 from pipeline.sweep.spec import Sweep, load_sweep
 
-from .conftest import REPO
+from .helpers.repo import REPO
 
 # No example database: nothing written into the repository; a failure prints its example to reproduce.
 common = {"database": None, "deadline": timedelta(seconds=5), "suppress_health_check": [HealthCheck.too_slow]}

@@ -4,31 +4,27 @@ graph emulated), and bench/gpu_check.py's CPU mode without MLflow, DVC or PyYAML
 import copy
 import json
 import logging
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from bench import gpu_check
 from pipeline.core import engine
-from pipeline.core.model import build_model
 from pipeline.parallel import graphs
-from pipeline.params import ModelConfig, TrainConfig
+from pipeline.params import TrainConfig
 
-from .conftest import REPO
-from .test_distributed import tiny_split
+from .helpers.repo import REPO
+from .helpers.trainings import fit_tiny
 
 # 200 images in batches of 32: 6 full batches (captured) and a short one of 8 (eager) per epoch.
 CFG = TrainConfig(epochs=2, batch_size=32, lr=5e-3, seed=3, device="cpu", precision="fp32", schedule="onecycle")
 
 
-def trained(cfg: TrainConfig = CFG, cuda_graphs: bool | None = None, resume: dict | None = None, on_epoch=None):
-    torch.manual_seed(cfg.seed)
-    model = build_model(ModelConfig(arch="fast", nf=8)).to(memory_format=torch.channels_last)  # BatchNorm buffers
-    data = tiny_split(200)
-    history = engine.fit(model, data, data, cfg, resume=resume, on_epoch=on_epoch, cuda_graphs=cuda_graphs)
-    return history, model.state_dict()
+def fit_fast(cfg: TrainConfig = CFG, **fit) -> tuple[list[dict], dict]:
+    """The fast arch (BatchNorm buffers) on 200 digits; `fit` (cuda_graphs, resume, on_epoch) to engine.fit."""
+    return fit_tiny(cfg, "fast", 200, **fit)
 
 
 def same(a: dict, b: dict) -> bool:
@@ -45,7 +41,7 @@ def test_the_captured_step_is_tried_on_cuda_with_one_process_only() -> None:
 def test_a_failed_capture_restores_everything_and_trains_eagerly_logged_once(caplog, monkeypatch) -> None:
     """On the CPU, capture fails (capturable Adam needs a GPU) after the warm-up has run forward and
     backward, updated BatchNorm's running stats and created Adam's state: all must be undone."""
-    eager = trained()
+    eager = fit_fast()
     states = []
 
     def stop_after_epoch_1(row: dict, state: dict) -> None:
@@ -53,10 +49,10 @@ def test_a_failed_capture_restores_everything_and_trains_eagerly_logged_once(cap
         raise StopIteration
 
     with pytest.raises(StopIteration):
-        trained(on_epoch=stop_after_epoch_1)
+        fit_fast(on_epoch=stop_after_epoch_1)
     with caplog.at_level(logging.INFO, logger="pipeline.train"):
-        fallback = trained(cuda_graphs=True)
-        resumed = trained(cuda_graphs=True, resume=states[0])  # with Adam's state already there
+        fallback = fit_fast(cuda_graphs=True)
+        resumed = fit_fast(cuda_graphs=True, resume=states[0])  # with Adam's state already there
     assert fallback[0] == eager[0] and same(fallback[1], eager[1])
     assert resumed[0] == eager[0] and same(resumed[1], eager[1])
     failures = [r for r in caplog.records if "CUDA graph capture failed" in r.getMessage()]
@@ -90,13 +86,13 @@ def test_the_captured_path_bookkeeping_matches_eager(monkeypatch, caplog) -> Non
 
     monkeypatch.setattr(graphs, "record", record)
     monkeypatch.setattr(sys.modules["torch.optim.adam"], "_get_capturable_supported_devices", lambda **_: ["cpu"])
-    eager = trained()
+    eager = fit_fast()
     with monkeypatch.context() as m:  # the eager loop with the optimizer the graph steps: Adam(capturable=True)
         adam = torch.optim.Adam
         m.setattr(torch.optim, "Adam", lambda *args, **kwargs: adam(*args, capturable=True, **kwargs))
-        eager_capturable = trained()
+        eager_capturable = fit_fast()
     with caplog.at_level(logging.INFO, logger="pipeline.train"):
-        captured = trained(cuda_graphs=True)
+        captured = fit_fast(cuda_graphs=True)
     assert "training step captured as a CUDA graph (batch 32)" in caplog.text
     assert recorded[0].replays == 2 * 6  # the full batches; the short ones ran eagerly
     assert captured[0] == eager_capturable[0] and same(captured[1], eager_capturable[1])
@@ -107,9 +103,9 @@ def test_the_captured_path_bookkeeping_matches_eager(monkeypatch, caplog) -> Non
     # A loss that turns infinite in the third batch is reported as eager reports it.
     bad = dataclasses_replace(CFG, lr=1e30)
     with pytest.raises(engine.TrainingDiverged) as eager_error:
-        trained(bad)
+        fit_fast(bad)
     with pytest.raises(engine.TrainingDiverged) as captured_error:
-        trained(bad, cuda_graphs=True)
+        fit_fast(bad, cuda_graphs=True)
     assert str(captured_error.value) == str(eager_error.value)
 
 
@@ -130,17 +126,24 @@ runpy.run_module("bench.gpu_check", run_name="__main__")
 
 @pytest.mark.slow
 def test_gpu_check_cpu_mode_runs_tiny_without_mlflow_dvc_or_yaml(processed, tmp_path) -> None:
+    """As a user runs it, from a checkout whose `make repro` left reports/metrics.json: the CPU's
+    accuracy it compares with is that file's."""
+    checkout = tmp_path / "checkout"
+    (checkout / "reports").mkdir(parents=True)
+    (checkout / "reports/metrics.json").write_text(json.dumps({"test_accuracy": 0.9876}))
     cmd = [sys.executable, "-c", BLOCKED, "--device", "cpu", "--tiny", "--data", str(processed / "data/processed")]
-    result = subprocess.run([*cmd, "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [*cmd, "--out", str(tmp_path)], cwd=checkout, env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     sections = ("environment", "tutorial", "cpu_agreement", "fast_recipe", "step_rate")
     assert all(s in report and "error" not in report[s] for s in sections), report
     assert report["tutorial"]["two_runs_bit_identical"] is True
     assert report["tutorial"]["fast_path"] == "eager (not tried here)"  # auto: CUDA only
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(REPO)  # where the check ran: this checkout's reports/metrics.json, or the stated figure
-        assert report["cpu_agreement"]["cpu_test_accuracy"] == gpu_check.cpu_reference()[0]
+    agreement = report["cpu_agreement"]
+    assert agreement["cpu_test_accuracy"] == 0.9876 and "reports/metrics.json" in agreement["reference"], agreement
     rates = report["step_rate"]
     assert len(rates) == 8 and all(rate > 0 for rate in rates.values())
     assert sum("eager (capture failed)" in name for name in rates) == 4  # asked for, fell back on the CPU

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from .conftest import REPO, sh, synthetic_repo
+from .helpers.repo import REPO, sh, synthetic_repo
 
 MLPROJECT = yaml.safe_load((REPO / "MLproject").read_text())
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())

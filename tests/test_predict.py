@@ -152,7 +152,7 @@ def test_mlflow_uris_give_the_checkpoint_s_answers(in_trained, images, monkeypat
     """models/model.pt, the run's pytorch `model` and the registered champion are the same network.
     The checkpoint and the champion run in INFERENCE_PRECISION, the logged pt2 `model` in fp32
     always: equal to 1e-5 in fp32; in bf16 (8 bits of mantissa) to 1e-2, on any CPU."""
-    from .conftest import run_id_of
+    from .helpers.tracking import run_id_of
 
     monkeypatch.setenv("INFERENCE_PRECISION", precision)
     paths = [images["dark_on_light"], images["light_on_dark"]]

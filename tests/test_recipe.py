@@ -11,7 +11,7 @@ import yaml
 from pipeline import recipe
 from pipeline.common.errors import ParamsError
 
-from .conftest import REPO
+from .helpers.repo import REPO
 
 
 def test_every_recipe_is_valid_and_its_shell_flags_set_exactly_its_values(tmp_path) -> None:

@@ -3,29 +3,17 @@ version; a model is registered once however often it is evaluated."""
 
 import pytest
 from mlflow import MlflowClient
-from mlflow.entities import LoggedModelStatus
 
 from pipeline.params import RegisterConfig
 from pipeline.serving.registry import ALIAS, register_if_good
 
-from .conftest import run_id_of
+from .helpers.tracking import model_run, run_id_of
 
 pytestmark = pytest.mark.slow  # they share the session's trained model
 
 
 def versions(client: MlflowClient, name: str) -> list:
     return client.search_model_versions(f"name = '{name}'")
-
-
-def model_run(client: MlflowClient, experiment: str = "registry-tests") -> str:
-    """A run holding a logged serving model (`classifier`, no files): what train leaves, minus the training."""
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-    run_id = client.create_run(experiment_id).info.run_id
-    model = client.create_logged_model(experiment_id, name="classifier", source_run_id=run_id)
-    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
-    client.set_terminated(run_id)
-    return run_id
 
 
 def test_evaluate_registered_the_tiny_model_as_champion(in_trained) -> None:

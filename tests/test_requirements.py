@@ -5,7 +5,7 @@ import re
 import sys
 from importlib.metadata import packages_distributions
 
-from .conftest import REPO
+from .helpers.repo import REPO
 
 
 def declared(name: str) -> set[str]:

@@ -17,7 +17,7 @@ from pipeline import preprocess, train
 from pipeline.core import engine, runtime
 from pipeline.tracking import tags as run_tags
 
-from .conftest import run_main
+from .helpers.stages import run_main
 
 
 @pytest.fixture

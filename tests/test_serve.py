@@ -29,7 +29,7 @@ from pipeline.serving.pyfunc import PIXELS, to_batch
 from pipeline.serving.server import BadRequest, from_body
 from pipeline.serving.settings import ServeSettings
 
-from .conftest import REPO
+from .helpers.repo import REPO
 from .helpers.servers import stop_group
 from .malformed import malformed_requests
 

@@ -21,7 +21,7 @@ from pipeline.data.splits import load_split
 from pipeline.serving import pyfunc
 from pipeline.serving.pyfunc import COLUMNS, MAX_BATCH, PROBABILITIES, to_batch
 
-from .conftest import run_id_of
+from .helpers.tracking import run_id_of
 from .malformed import MLFLOW_500, malformed_requests
 
 CHAMPION = "models:/mnist-cnn@champion"

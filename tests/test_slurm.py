@@ -10,13 +10,11 @@ from mlflow import MlflowClient
 
 from pipeline.sweep.study import load
 
-from . import slurm
-from .conftest import REPO
-from .slurm import submit_array
-from .test_sweep import write_sweep
+from .helpers.repo import REPO
+from .helpers.slurm import submit_array
+from .helpers.sweeps import write_sweep
 
 pytestmark = pytest.mark.slow
-slurm_cluster = slurm.slurm_cluster  # the fixture, here by name (an import would trip ruff's F811)
 SWEEP_SCRIPT = REPO / "sweeps/slurm-array.sbatch"
 
 # Each task sleeps 1 s between two timestamps; tasks that ran at once have overlapping intervals.

@@ -3,18 +3,20 @@
 import copy
 import ctypes
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from bench import benchmark
-from pipeline import download, preprocess, train
+from pipeline import train
 from pipeline.core import runtime
 from pipeline.core.model import FastNet, build_model
 from pipeline.params import ModelConfig, TrainConfig
 
-from .conftest import run_main
-from .test_stages import tiny_data
+from .helpers.data import tiny_split
+from .helpers.repo import REPO
 
 
 def test_fast_arch_contract_matches_the_tutorial_net() -> None:
@@ -36,7 +38,7 @@ def test_auto_precision_is_bf16_only_where_native(monkeypatch) -> None:
 @pytest.mark.parametrize("arch", ["tutorial", "fast"])
 def test_onecycle_bf16_channels_last_learns_and_resumes_identically(arch) -> None:
     cfg = TrainConfig(epochs=3, batch_size=32, lr=5e-3, seed=3, schedule="onecycle", precision="bf16")
-    data = tiny_data(192)
+    data = tiny_split(192)
 
     def model() -> torch.nn.Module:  # seeded as the train stage seeds it
         return train.build(ModelConfig(arch=arch, nf=4), cfg, torch.device("cpu"))
@@ -90,12 +92,13 @@ def test_malloc_tuning_keeps_large_buffers_off_mmap() -> None:
 
 
 @pytest.mark.slow
-def test_benchmark_runs_tiny(workdir, monkeypatch) -> None:
-    """A tiny run so the benchmark cannot rot; its numbers mean nothing here."""
-    run_main(download, monkeypatch, "--out", "data/raw")
-    run_main(preprocess, monkeypatch, "--raw", "data/raw", "--out", "data/processed")
-    run_main(benchmark, monkeypatch, "--steps", "2", "--out", "bench.json")
-    results = json.loads((workdir / "bench.json").read_text())
+def test_benchmark_runs_tiny(processed) -> None:
+    """A tiny run so the benchmark cannot rot, as a user runs it; its numbers mean nothing here."""
+    cmd = [sys.executable, "-m", "bench.benchmark", "--steps", "2", "--out", "bench.json"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(cmd, cwd=processed, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((processed / "bench.json").read_text())
     assert set(results["img_per_s"]) >= {"pipeline loop", "tutorial data path", "ceiling fp32 contiguous"}
     assert all(rate > 0 for rate in results["img_per_s"].values())
     # Each ratio is what its name says, computed from the rates reported beside it.

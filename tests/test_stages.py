@@ -19,7 +19,9 @@ from pipeline.data.datasets import FASHION_MNIST
 from pipeline.data.splits import load_split, save_split
 from pipeline.params import ModelConfig, TrainConfig
 
-from .conftest import evaluations_of, run_main
+from .helpers.data import tiny_split
+from .helpers.stages import run_main
+from .helpers.tracking import evaluations_of
 
 
 def test_split_is_seeded_disjoint_and_complete() -> None:
@@ -60,16 +62,9 @@ def test_model_shapes(nf) -> None:
     assert model.linears[0].in_features == nf * 7 * 7
 
 
-def tiny_data(n: int = 256):
-    from .conftest import synthetic_digits
-
-    x, y = synthetic_digits(n, seed=0)
-    return torch.from_numpy(x).unsqueeze(1), torch.from_numpy(y).long()
-
-
 def test_loss_falls_on_a_learnable_task() -> None:
     torch.manual_seed(0)
-    model, (x, y) = Net(8), tiny_data()
+    model, (x, y) = Net(8), tiny_split(256)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     gen = torch.Generator().manual_seed(0)
     losses = [train_one_epoch(model, x, y, Step(batch_size=32), opt, gen)["loss"] for _ in range(4)]
@@ -78,7 +73,7 @@ def test_loss_falls_on_a_learnable_task() -> None:
 
 def test_same_seed_gives_identical_weights() -> None:
     """Through the train stage's own seeding (train.build), not a torch.manual_seed of the test's."""
-    data = tiny_data(128)
+    data = tiny_split(128)
 
     def once(seed: int) -> dict[str, torch.Tensor]:
         # The global generators scrambled, differently before each run: equal weights for equal

@@ -9,7 +9,7 @@ from mlflow.utils import mlflow_tags
 from pipeline.parallel.distributed import World
 from pipeline.tracking import tags
 
-from .conftest import REPO
+from .helpers.repo import REPO
 
 
 def test_provenance_tags_leave_out_what_is_unknown() -> None:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from .conftest import needed, sh, synthetic_repo
 from .helpers import servers
+from .helpers.repo import needed, sh, synthetic_repo
 
 pytestmark = pytest.mark.slow
 TRAINED = "Running stage 'train'"

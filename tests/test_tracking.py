@@ -17,7 +17,7 @@ from pipeline.common.errors import PipelineError
 from pipeline.tracking import provenance, runs, server
 from pipeline.tracking.evaluation_run import evaluation_run
 
-from .conftest import REPO
+from .helpers.repo import REPO
 from .helpers.servers import free_port
 
 
@@ -122,7 +122,7 @@ def test_under_mlflow_run_evaluate_logs_into_that_run_and_links_the_model_run(wo
 def test_git_commit_is_dirty_exactly_when_tracked_files_other_than_the_ignored_ones_differ(
     tmp_path, monkeypatch
 ) -> None:
-    from .conftest import sh
+    from .helpers.repo import sh
 
     sh(tmp_path, "git", "init", "-q")
     for name in ("train.py", "params.yaml"):

@@ -24,8 +24,10 @@ from pipeline.common.errors import PipelineError
 from pipeline.tracking import server as tracking_server
 from pipeline.tracking import store
 
-from .conftest import REPO, run_main, set_params, train_until_checkpoint
+from .helpers.repo import REPO
 from .helpers.servers import free_port
+from .helpers.stages import run_main, set_params, train_until_checkpoint
+from .helpers.tracking import model_run
 
 pytestmark = pytest.mark.slow
 
@@ -219,8 +221,6 @@ with store.store_lock():  # each clone's own lock: no help across clones
 def test_two_clones_racing_on_one_server_leave_the_champion_on_the_better_version(server, tmp_path) -> None:
     """Two evaluations on two clones (their own cwd, their own file lock) against one `mlflow server`,
     in the worst order: the worse model's decides first and moves the alias last."""
-    from .test_registry import model_run
-
     client = MlflowClient(server.uri)
     worse, better = model_run(client, "racing"), model_run(client, "racing")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
@@ -244,8 +244,6 @@ def test_a_champion_that_cannot_be_read_stops_the_registration_and_moves_nothing
     """Only "not found" means no champion: a server error or a refusal is one line, and nothing is registered."""
     from pipeline.params import RegisterConfig
     from pipeline.serving.registry import register_if_good
-
-    from .test_registry import model_run
 
     client = MlflowClient(server.uri)
     name = f"guarded-{status}"

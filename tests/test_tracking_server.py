@@ -20,10 +20,12 @@ from mlflow import MlflowClient
 
 from pipeline import download, preprocess
 
-from .conftest import REPO, evaluations_of, needed, run_main, sh, sh_env, synthetic_repo
 from .helpers import servers
+from .helpers.repo import REPO, needed, sh, sh_env, synthetic_repo
 from .helpers.servers import DB_USER, postgres_bin
-from .test_sweep import write_sweep
+from .helpers.stages import run_main
+from .helpers.sweeps import write_sweep
+from .helpers.tracking import evaluations_of
 
 pytestmark = pytest.mark.slow
 

@@ -26,7 +26,8 @@ from pipeline.serving import registry
 from pipeline.sweep import budget
 from pipeline.sweep import study as studies
 
-from .conftest import REPO, run_main
+from .helpers.repo import REPO
+from .helpers.stages import run_main
 
 # Each form of URL a user may give, and the secrets it holds (as written and as the driver reads them).
 FORMS = [
