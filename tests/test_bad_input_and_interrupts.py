@@ -1,4 +1,4 @@
-"""Bad input and faults: clear errors, nothing half-written, interrupted training resumes."""
+"""Bad input and interrupted stages: clear errors, nothing half-written, interrupted training resumes."""
 
 import dataclasses
 import hashlib
