@@ -12,7 +12,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from .browser import Browser, Visit, chromium
+from .helpers.browser import Browser, Visit, chromium
 from .helpers.repo import needed, sh, sh_env, synthetic_repo
 from .helpers.tracking import evaluations_of
 

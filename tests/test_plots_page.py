@@ -16,7 +16,7 @@ from dvc_render import VegaRenderer, render_html
 from pipeline import plots_page
 from pipeline.common.errors import PipelineError
 
-from .browser import Browser, chromium
+from .helpers.browser import Browser, chromium
 from .helpers.repo import REPO, copy_repo, needed
 
 
