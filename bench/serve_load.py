@@ -30,7 +30,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,6 +46,7 @@ import psutil
 from bench.benchmark import cpu_model
 from pipeline.core.runtime import cpu_has_native_bf16
 from pipeline.serving.pyfunc import cores
+from tests.helpers.servers import free_port
 
 OUT = Path(__file__).with_name("serve_results.json")
 REPO = Path(__file__).resolve().parents[1]
@@ -83,12 +83,6 @@ class Server:
             with contextlib.suppress(psutil.NoSuchProcess):
                 total += p.memory_info().rss
         return total / 2**20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
