@@ -45,8 +45,8 @@ import numpy as np
 import psutil
 
 from bench.benchmark import cpu_model
+from pipeline.common.system import cores
 from pipeline.core.runtime import cpu_has_native_bf16
-from pipeline.serving.pyfunc import cores
 
 OUT = Path(__file__).with_name("serve_results.json")
 REPO = Path(__file__).resolve().parents[1]
