@@ -44,8 +44,8 @@ import numpy as np
 import psutil
 
 from bench.benchmark import cpu_model
+from pipeline.common.system import cores
 from pipeline.core.runtime import cpu_has_native_bf16
-from pipeline.serving.pyfunc import cores
 from tests.helpers.servers import free_port
 
 OUT = Path(__file__).with_name("serve_results.json")

@@ -15,7 +15,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pipeline.common.errors import ParamsError, PipelineError
-from pipeline.core import engine
+from pipeline.common.system import cores
+from pipeline.core.step import StepConfig
 from pipeline.parallel import distributed, launch
 from pipeline.parallel.distributed import World
 from pipeline.params import TrainConfig
@@ -31,7 +32,7 @@ CFG = TrainConfig(epochs=3, batch_size=32, lr=2e-3, seed=3, device="cpu", precis
 
 def fit_as(arch: str, world: World = distributed.ALONE) -> tuple[list[dict], dict[str, torch.Tensor]]:
     """The tiny training of `arch` as one rank of `world`: (its history, its weights)."""
-    return fit_tiny(CFG, arch, step=engine.Step.of(CFG, torch.device("cpu"), world))
+    return fit_tiny(CFG, arch, step=StepConfig.of(CFG, torch.device("cpu"), world))
 
 
 def ddp_worker(rank: int, size: int, out: Path) -> None:
@@ -110,8 +111,8 @@ def test_bad_parallel_settings_fail_in_one_line_before_any_work(processed, monke
 
     set_params(processed, "train", nproc=2, batch_size=33)
     fails(r"train.batch_size must be divisible by the number of training processes.* = 2, got 33")
-    set_params(processed, "train", nproc=launch.usable_cpus() + 1, batch_size=32 * launch.usable_cpus() + 32)
-    fails(rf"train.nproc is {launch.usable_cpus() + 1} but this machine has {launch.usable_cpus()} CPU")
+    set_params(processed, "train", nproc=cores() + 1, batch_size=32 * cores() + 32)
+    fails(rf"train.nproc is {cores() + 1} but this machine has {cores()} CPU")
     set_params(processed, "train", nproc=1, nnodes=2, batch_size=32, rdzv_endpoint=None)
     fails("train.rdzv_endpoint must be host:port of node 0 when train.nnodes is 2")
     set_params(processed, "train", rdzv_endpoint="no-such-host.invalid:29500")

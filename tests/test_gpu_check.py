@@ -2,6 +2,7 @@
 graph emulated), and bench/gpu_check.py's CPU mode without MLflow, DVC or PyYAML."""
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -11,8 +12,8 @@ import sys
 import pytest
 import torch
 
-from pipeline.core import engine
-from pipeline.parallel import graphs
+from pipeline.core import cuda_graphs, engine
+from pipeline.core.step import StepConfig
 from pipeline.params import TrainConfig
 
 from .helpers.repo import REPO
@@ -22,9 +23,11 @@ from .helpers.trainings import fit_tiny
 CFG = TrainConfig(epochs=2, batch_size=32, lr=5e-3, seed=3, device="cpu", precision="fp32", schedule="onecycle")
 
 
-def fit_fast(cfg: TrainConfig = CFG, **fit) -> tuple[list[dict], dict]:
-    """The fast arch (BatchNorm buffers) on 200 digits; `fit` (cuda_graphs, resume, on_epoch) to engine.fit."""
-    return fit_tiny(cfg, "fast", 200, **fit)
+def fit_fast(cfg: TrainConfig = CFG, graphed: bool | None = None, **fit) -> tuple[list[dict], dict]:
+    """The fast arch (BatchNorm buffers) on 200 digits, its step captured as a CUDA graph if `graphed`
+    (None: where it would be); `fit` (resume, on_epoch) to engine.fit."""
+    step = dataclasses.replace(StepConfig.of(cfg, torch.device("cpu")), cuda_graphs=graphed)
+    return fit_tiny(cfg, "fast", 200, step=step, **fit)
 
 
 def same(a: dict, b: dict) -> bool:
@@ -33,9 +36,10 @@ def same(a: dict, b: dict) -> bool:
 
 def test_the_captured_step_is_tried_on_cuda_with_one_process_only() -> None:
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert graphs.wanted(cuda, 1, None) and not graphs.wanted(cuda, 2, None) and not graphs.wanted(cuda, 1, False)
-    assert not graphs.wanted(cpu, 1, None) and not graphs.wanted(torch.device("mps"), 1, None)
-    assert graphs.wanted(cpu, 1, True) and not graphs.wanted(cpu, 2, True)  # asked for: tried, may fall back
+    wanted = cuda_graphs.wanted
+    assert wanted(cuda, 1, None) and not wanted(cuda, 2, None) and not wanted(cuda, 1, False)
+    assert not wanted(cpu, 1, None) and not wanted(torch.device("mps"), 1, None)
+    assert wanted(cpu, 1, True) and not wanted(cpu, 2, True)  # asked for: tried, may fall back
 
 
 def test_a_failed_capture_restores_everything_and_trains_eagerly_logged_once(caplog, monkeypatch) -> None:
@@ -50,9 +54,9 @@ def test_a_failed_capture_restores_everything_and_trains_eagerly_logged_once(cap
 
     with pytest.raises(StopIteration):
         fit_fast(on_epoch=stop_after_epoch_1)
-    with caplog.at_level(logging.INFO, logger="pipeline.train"):
-        fallback = fit_fast(cuda_graphs=True)
-        resumed = fit_fast(cuda_graphs=True, resume=states[0])  # with Adam's state already there
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        fallback = fit_fast(graphed=True)
+        resumed = fit_fast(graphed=True, resume=states[0])  # with Adam's state already there
     assert fallback[0] == eager[0] and same(fallback[1], eager[1])
     assert resumed[0] == eager[0] and same(resumed[1], eager[1])
     failures = [r for r in caplog.records if "CUDA graph capture failed" in r.getMessage()]
@@ -84,15 +88,15 @@ def test_the_captured_path_bookkeeping_matches_eager(monkeypatch, caplog) -> Non
         recorded.append(ReplayedEagerly(step))
         return recorded[-1]
 
-    monkeypatch.setattr(graphs, "record", record)
+    monkeypatch.setattr(cuda_graphs, "record", record)
     monkeypatch.setattr(sys.modules["torch.optim.adam"], "_get_capturable_supported_devices", lambda **_: ["cpu"])
     eager = fit_fast()
     with monkeypatch.context() as m:  # the eager loop with the optimizer the graph steps: Adam(capturable=True)
         adam = torch.optim.Adam
         m.setattr(torch.optim, "Adam", lambda *args, **kwargs: adam(*args, capturable=True, **kwargs))
         eager_capturable = fit_fast()
-    with caplog.at_level(logging.INFO, logger="pipeline.train"):
-        captured = fit_fast(cuda_graphs=True)
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        captured = fit_fast(graphed=True)
     assert "training step captured as a CUDA graph (batch 32)" in caplog.text
     assert recorded[0].replays == 2 * 6  # the full batches; the short ones ran eagerly
     assert captured[0] == eager_capturable[0] and same(captured[1], eager_capturable[1])
@@ -105,7 +109,7 @@ def test_the_captured_path_bookkeeping_matches_eager(monkeypatch, caplog) -> Non
     with pytest.raises(engine.TrainingDiverged) as eager_error:
         fit_fast(bad)
     with pytest.raises(engine.TrainingDiverged) as captured_error:
-        fit_fast(bad, cuda_graphs=True)
+        fit_fast(bad, graphed=True)
     assert str(captured_error.value) == str(eager_error.value)
 
 
