@@ -23,15 +23,15 @@ import pytest
 import torch
 from mlflow.pyfunc import scoring_server
 
-from bench import serve_load
 from pipeline.serving.batching import INLINE_IMAGES, Batcher, BatchLimits
 from pipeline.serving.pyfunc import PIXELS, to_batch
 from pipeline.serving.server import BadRequest, from_body
 from pipeline.serving.settings import ServeSettings
 
 from .conftest import REPO
-from .helpers.servers import stop_group
-from .malformed import malformed_requests
+from .helpers.load import UP_LINE, Server, request, wait_up
+from .helpers.malformed import malformed_requests
+from .helpers.servers import free_port, stop_group
 
 CHAMPION = "models:/mnist-cnn@champion"
 POLL_S = 0.5
@@ -169,25 +169,22 @@ def start(registry: Path, log: Path, *args: str) -> subprocess.Popen:
 
 
 @pytest.fixture(scope="module")
-def served(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[serve_load.Server, Path]]:
+def served(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Path]]:
     """`python -m pipeline.serve --workers 2` of a copy of the trained registry's champion; (server, registry)."""
     root = tmp_path_factory.mktemp("serve")
     registry = root / "mlflow.db"
     shutil.copy(trained / "mlflow.db", registry)  # the artifacts stay where the runs wrote them (absolute URIs)
-    port, log = serve_load.free_port(), root / "serve.log"
+    port, log = free_port(), root / "serve.log"
     proc = start(registry, log, "--workers", "2", "--port", str(port), "--poll-s", str(POLL_S), "--max-body-mb", "4")
-    server = serve_load.Server(f"http://127.0.0.1:{port}", "127.0.0.1", port, proc, log)
+    server = Server(f"http://127.0.0.1:{port}", "127.0.0.1", port, proc, log)
     try:
-        deadline = time.monotonic() + 120
-        while log.read_text().count("pipeline.serving.server: serving") < 2 or not serve_load.ping(server):
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.2)
+        wait_up(server, UP_LINE, count=2)
         yield server, registry
     finally:
         stop_group(proc)  # the server and its workers
 
 
-def post(server: serve_load.Server, body: bytes, content_type: str | None) -> tuple[int, dict, dict]:
+def post(server: Server, body: bytes, content_type: str | None) -> tuple[int, dict, dict]:
     """(status, JSON answer, headers) of one request on a fresh connection."""
     import http.client
 
@@ -217,7 +214,7 @@ def test_the_server_answers_every_body_as_the_classifier_does_in_process(served,
         assert (got["class"] == want["class"]).all(), name
         assert np.allclose(got.filter(like="prob_"), want.filter(like="prob_"), atol=1e-6), name
     for path, body in [("/ping", "\n"), ("/health", "\n"), ("/version", mlflow.__version__)]:  # as MLflow answers
-        status, text = serve_load.request(server, b"", method="GET", path=path)
+        status, text = request(server, b"", method="GET", path=path)
         assert status == 200 and text.decode() == body
 
 
@@ -233,7 +230,7 @@ def test_the_command_refuses_bad_settings_and_a_missing_alias_in_one_line(traine
     assert "error: cannot serve models:/mnist-cnn@nope: " in said and "Traceback" not in said, said
 
 
-def send_raw(server: serve_load.Server, start: bytes, chunks: list[bytes]) -> bytes:
+def send_raw(server: Server, start: bytes, chunks: list[bytes]) -> bytes:
     """Send a request's head and then its chunks while the server reads them; the answer's first bytes."""
     with socket.create_connection((server.host, server.port), timeout=10) as s:
         s.sendall(start)
@@ -254,7 +251,7 @@ def test_hostile_requests_get_4xx_with_one_line_and_cost_nothing(served) -> None
     server, _ = served
     cases = malformed_requests()  # the ones mlflow models serve gets; it answers 4 of them with 500
     for name, body, content_type in cases:
-        status, text = serve_load.request(server, body, content_type)
+        status, text = request(server, body, content_type)
         assert 400 <= status < 500, (name, status, text[:300])
         message = json.loads(text)["message"]
         assert message and "\n" not in message and "Traceback" not in message, (name, message)
