@@ -23,6 +23,11 @@ MAX_IMAGES = 64
 MAX_WAIT_MS = 0.0
 MAX_BODY_MB = 16.0  # 256 images as pretty-printed float JSON stay well under it
 POLL_S = 10.0
+# A body must arrive whole within this many seconds of its request's head, or the client gets 408 and the
+# connection is closed. The largest request that makes sense, 256 images, is about 1 MB of JSON: 10 s let
+# it come over a link of 1 Mbit/s. A client trickling its body holds a socket and a coroutine until then,
+# not a worker: the others are served meanwhile (tests/test_serve.py).
+BODY_TIMEOUT_S = 10.0
 
 
 def main() -> None:
@@ -35,12 +40,16 @@ def main() -> None:
     parser.add_argument("--max-wait-ms", type=float, default=MAX_WAIT_MS, help="wait for requests to join a call")
     parser.add_argument("--max-body-mb", type=float, default=MAX_BODY_MB, help="larger bodies get 413 unread")
     parser.add_argument("--poll-s", type=float, default=POLL_S, help="seconds between reads of the alias (0: never)")
+    parser.add_argument(
+        "--body-timeout-s", type=float, default=BODY_TIMEOUT_S, help="for a body to arrive whole (else 408)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:  # checked here, before any worker starts
         settings = ServeSettings(
-            args.model, args.workers, args.max_images, args.max_wait_ms, args.max_body_mb, args.poll_s
-        )
+            args.model, args.workers, args.max_images, args.max_wait_ms, args.max_body_mb, args.poll_s,
+            args.body_timeout_s,
+        )  # fmt: skip
     except ValueError as e:
         parser.error(str(e))
     try:

@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -35,6 +36,7 @@ from .helpers.servers import free_port, stop_group
 
 CHAMPION = "models:/mnist-cnn@champion"
 POLL_S = 0.5
+BODY_TIMEOUT_S = 2.0
 
 
 def images(n: int = 5, seed: int = 0) -> np.ndarray:
@@ -102,11 +104,13 @@ def test_bodies_that_are_not_images_are_refused_with_a_status_and_a_reason(body,
 
 def test_settings_are_checked_with_their_names() -> None:
     with pytest.raises(ValueError, match="--workers must be at least 1, got 0"):
-        ServeSettings(CHAMPION, 0, 64, 2, 16, 10)
+        ServeSettings(CHAMPION, 0, 64, 2, 16, 10, 10)
     with pytest.raises(ValueError, match=r"--max-wait-ms must be in \[0, 1000\], got 5000"):
-        ServeSettings(CHAMPION, 1, 64, 5000, 16, 10)
+        ServeSettings(CHAMPION, 1, 64, 5000, 16, 10, 10)
     with pytest.raises(ValueError, match=r"--poll-s must be 0 \(never\) or more, got -1"):
-        ServeSettings(CHAMPION, 1, 64, 0, 16, -1)
+        ServeSettings(CHAMPION, 1, 64, 0, 16, -1, 10)
+    with pytest.raises(ValueError, match="--body-timeout-s must be positive, got 0"):
+        ServeSettings(CHAMPION, 1, 64, 0, 16, 10, 0)
 
 
 def test_concurrent_requests_become_one_call_within_the_cap() -> None:
@@ -175,7 +179,8 @@ def served(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     registry = root / "mlflow.db"
     shutil.copy(trained / "mlflow.db", registry)  # the artifacts stay where the runs wrote them (absolute URIs)
     port, log = free_port(), root / "serve.log"
-    proc = start(registry, log, "--workers", "2", "--port", str(port), "--poll-s", str(POLL_S), "--max-body-mb", "4")
+    settings = ["--poll-s", str(POLL_S), "--max-body-mb", "4", "--body-timeout-s", str(BODY_TIMEOUT_S)]
+    proc = start(registry, log, "--workers", "2", "--port", str(port), *settings)
     server = Server(f"http://127.0.0.1:{port}", "127.0.0.1", port, proc, log)
     try:
         wait_up(server, UP_LINE, count=2)
@@ -272,6 +277,50 @@ def test_hostile_requests_get_4xx_with_one_line_and_cost_nothing(served) -> None
     status, answer, _ = post(server, json.dumps({"inputs": images(2).tolist()}).encode(), "application/json")
     assert status == 200 and len(answer["predictions"]) == 2
     assert "Traceback" not in server.log.read_text() and "Exception" not in server.log.read_text()
+
+
+def trickle(server: Server, out: list[tuple[float, bytes, bytes]]) -> None:
+    """A client sending its body a byte every 0.1 s (slowloris): (seconds to the answer, the answer, what followed)."""
+    with socket.create_connection((server.host, server.port), timeout=30) as s:
+        start = time.monotonic()
+        s.sendall(head(10_000))
+        answer = b""
+        while not answer and time.monotonic() - start < 30:
+            with contextlib.suppress(OSError):
+                s.sendall(b" ")  # JSON whitespace: never a complete body
+            if select.select([s], [], [], 0.1)[0]:
+                answer = s.recv(4096)
+        took = time.monotonic() - start
+        rest = b""
+        with contextlib.suppress(OSError):  # the server closes: b"" (or a reset, for the bytes it left unread)
+            while chunk := s.recv(4096):
+                rest += chunk
+        out.append((took, answer, rest))
+
+
+@pytest.mark.slow
+def test_a_body_that_trickles_in_is_cut_at_the_timeout_while_the_others_are_served(served) -> None:
+    server, _ = served
+    slow: list[tuple[float, bytes, bytes]] = []
+    tricklers = [threading.Thread(target=trickle, args=(server, slow)) for _ in range(8)]  # more than the workers
+    for t in tricklers:
+        t.start()
+    body = json.dumps({"inputs": images(1).tolist()}).encode()
+    served_meanwhile = []
+    while any(t.is_alive() for t in tricklers):
+        start = time.monotonic()
+        status, answer, _ = post(server, body, "application/json")
+        served_meanwhile.append((status, len(answer["predictions"]), time.monotonic() - start))
+    for t in tricklers:
+        t.join()
+    assert len(slow) == 8
+    for took, answer, rest in slow:  # the answer, then the connection closed (the reading above ended)
+        response_head, _, payload = (answer + rest).partition(b"\r\n\r\n")
+        assert response_head.startswith(b"HTTP/1.1 408") and b"connection: close" in response_head.lower(), answer
+        assert json.loads(payload)["message"].startswith("the body did not arrive within 2 s ("), payload
+        assert BODY_TIMEOUT_S <= took < BODY_TIMEOUT_S + 3, took
+    assert len(served_meanwhile) >= 10, served_meanwhile  # not blocked: answered while the bodies trickled
+    assert all(status == 200 and n == 1 and seconds < 1 for status, n, seconds in served_meanwhile), served_meanwhile
 
 
 @pytest.mark.slow
