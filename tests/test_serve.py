@@ -156,6 +156,33 @@ def test_a_failed_batch_fails_its_requests_and_the_next_batch_runs() -> None:
     assert isinstance(bad, RuntimeError) and probs.item() == 1.0
 
 
+def test_a_lone_request_waits_for_nobody_and_requests_that_come_together_wait_for_more() -> None:
+    calls: list[int] = []
+
+    def run(x: torch.Tensor):
+        calls.append(len(x))
+        return x.flatten(1)[:, :1].numpy(), "v1"
+
+    async def main() -> tuple[float, float]:
+        batcher = Batcher(run, BatchLimits(max_images=64, max_wait_s=0.3))
+        batcher.start()
+        one, clock = torch.zeros(1, 1, 28, 28), asyncio.get_running_loop().time
+        start = clock()
+        await batcher.submit(one)  # nothing came with it before: no wait
+        alone = clock() - start
+        await asyncio.gather(batcher.submit(one), batcher.submit(one))  # one call of 2: the next one waits
+        start = clock()
+        first = asyncio.ensure_future(batcher.submit(one))
+        await asyncio.sleep(0.05)
+        await asyncio.gather(first, batcher.submit(one))  # came 50 ms after the first: joined its call
+        waited = clock() - start
+        await batcher.stop()
+        return alone, waited
+
+    alone, waited = asyncio.run(main())
+    assert calls == [1, 2, 2] and alone < 0.2 and 0.25 < waited < 2, (calls, alone, waited)
+
+
 # The real server. One for the module, serving a copy of the trained registry (the alias is moved in it).
 
 
