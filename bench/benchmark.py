@@ -29,11 +29,12 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from pipeline.core.engine import EVAL_BATCH_SIZE, Step, evaluate, train_one_epoch
+from pipeline.core.engine import EVAL_BATCH_SIZE, Training, evaluate, fit, train_one_epoch
 from pipeline.core.model import build_model
 from pipeline.core.runtime import autocast_dtype, cpu_has_native_bf16, make_deterministic, tune_malloc
+from pipeline.core.step import StepConfig
 from pipeline.data.splits import load_split
-from pipeline.params import ModelConfig, TrainConfig, load_section
+from pipeline.params import ModelConfig, TrainConfig, configs, load_section
 from pipeline.recipe import load_recipe
 
 # The recipes (recipes/*.yaml) timed to accuracy, and the seeds each is trained with: every one
@@ -89,12 +90,12 @@ def pipeline_loop(model_cfg: ModelConfig, cfg: TrainConfig, steps: int, data: Pa
     images, labels = images[:n], labels[:n]
     model = make_model(model_cfg, cfg.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
-    gen = torch.Generator().manual_seed(0)
+    training = Training(model, opt, torch.Generator().manual_seed(0))
     autocast = autocast_dtype(cfg.precision, torch.device("cpu"))
-    warm_up = Step(cfg.batch_size)  # fp32, as before the measured pass
-    train_one_epoch(model, images[: 3 * cfg.batch_size], labels[: 3 * cfg.batch_size], warm_up, opt, gen)
+    warm_up = StepConfig(cfg.batch_size)  # fp32, as before the measured pass
+    train_one_epoch(training, images[: 3 * cfg.batch_size], labels[: 3 * cfg.batch_size], warm_up)
     start = time.perf_counter()
-    train_one_epoch(model, images, labels, Step(cfg.batch_size, autocast), opt, gen)
+    train_one_epoch(training, images, labels, StepConfig(cfg.batch_size, autocast))
     return n / (time.perf_counter() - start)
 
 
@@ -125,13 +126,8 @@ def tutorial_path(model_cfg: ModelConfig, cfg: TrainConfig, steps: int, raw: Pat
 
 def recipe(name: str, seed: int, data: Path) -> dict[str, float]:
     """Train a recipe (over params.yaml's values) on the real data; return training seconds and test accuracy."""
-    over = load_recipe(name)
-    model_cfg = dataclasses.replace(load_section("model", ModelConfig), **over.get("model", {}))
-    cfg = dataclasses.replace(
-        load_section("train", TrainConfig), **over.get("train", {}), seed=seed, device="cpu", precision="auto"
-    )
-    from pipeline.train import fit  # the stage's own loop (a benchmark, not a stage, may import it)
-
+    model_cfg, cfg = configs(load_recipe(name))
+    cfg = dataclasses.replace(cfg, seed=seed, device="cpu", precision="auto")
     train, val, test = (load_split(data / f"{s}.pt") for s in ("train", "val", "test"))
     make_deterministic(seed)
     model = make_model(model_cfg, cfg.channels_last, seed)

@@ -21,7 +21,7 @@ from datetime import date
 from pathlib import Path
 
 from bench.benchmark import cpu_model
-from pipeline.sweep.local import cores
+from pipeline.common.system import cores
 
 TRAINED = "Running stage 'train'"
 

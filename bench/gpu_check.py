@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline.core import engine
+from pipeline.core import cuda_graphs, engine
 from pipeline.core.model import build_model
 from pipeline.core.runtime import autocast_dtype, make_deterministic, pick_device, tune_malloc
+from pipeline.core.step import StepConfig
 from pipeline.data.splits import load_split
-from pipeline.parallel import graphs
 from pipeline.params import ModelConfig, TrainConfig
 from pipeline.tracking.tags import device_tags  # torch only: no MLflow on a bare GPU box
 
@@ -88,7 +88,7 @@ def load(data: Path, split: str, limit: int | None) -> tuple[torch.Tensor, torch
     return (x[:limit], y[:limit]) if limit else (x, y)
 
 
-def train(model_cfg: ModelConfig, cfg: TrainConfig, data: dict, device: torch.device, cuda_graphs: bool | None = None):
+def train(model_cfg: ModelConfig, cfg: TrainConfig, data: dict, device: torch.device, graphed: bool | None = None):
     """Train as the stage does (seeded weights built on the CPU); return model, per-epoch rows, seconds."""
     make_deterministic(cfg.seed)
     model = build_model(model_cfg).to(device)
@@ -102,7 +102,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: dict, device: torch.de
 
     NOTES.lines.clear()
     start = time.perf_counter()
-    engine.fit(model, data["train"], data["val"], cfg, on_epoch=on_epoch, cuda_graphs=cuda_graphs)
+    step = dataclasses.replace(StepConfig.of(cfg, device), cuda_graphs=graphed)
+    engine.fit(model, data["train"], data["val"], cfg, step, on_epoch=on_epoch)
     wall = time.perf_counter() - start
     path = NOTES.lines[-1] if NOTES.lines else "eager (not tried here)"
     return model, rows, {"fit_wall_seconds": wall, "fast_path": path}
@@ -157,15 +158,15 @@ def fast_recipe(data: dict, device: torch.device, seeds: list[int], epochs: int 
     """Training seconds until test accuracy first reaches 99.0% (checked after each epoch)."""
     model_cfg, cfg = FAST
     out: dict = {}
-    for cuda_graphs, seed in [(None, s) for s in seeds] + [(False, seeds[0])]:
+    for graphed, seed in [(None, s) for s in seeds] + [(False, seeds[0])]:
         run_cfg = dataclasses.replace(cfg, seed=seed, epochs=epochs or cfg.epochs)
-        _, rows, info = train(model_cfg, run_cfg, data, device, cuda_graphs)
+        _, rows, info = train(model_cfg, run_cfg, data, device, graphed)
         elapsed, reached = 0.0, None
         for r in rows:
             elapsed += r["train_seconds"]
             if reached is None and r["test_accuracy"] >= GOALS["fast_accuracy"]:
                 reached = elapsed
-        name = f"seed {seed}" + (" eager" if cuda_graphs is False else "")
+        name = f"seed {seed}" + (" eager" if graphed is False else "")
         out[name] = {
             "seconds_to_99": reached,
             "train_seconds": elapsed,
@@ -190,12 +191,12 @@ def step_rates(data: dict, device: torch.device, steps: int) -> dict:
                 optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
                 autocast = torch.bfloat16 if precision == "bf16" else None
                 NOTES.lines.clear()
-                captured = graphs.capture(model, optimizer, x, y, cfg.batch_size, autocast) if graphed else None
-                generator = torch.Generator().manual_seed(0)
-                args = (model, x, y, engine.Step(cfg.batch_size, autocast), optimizer, generator)
-                engine.train_one_epoch(*args, captured=captured, desc="rate")  # warm-up pass
+                step = StepConfig(cfg.batch_size, autocast)
+                captured = cuda_graphs.capture(model, optimizer, x, y, step) if graphed else None
+                training = engine.Training(model, optimizer, torch.Generator().manual_seed(0), captured=captured)
+                engine.train_one_epoch(training, x, y, step, desc="rate")  # warm-up pass
                 start = time.perf_counter()
-                engine.train_one_epoch(*args, captured=captured, desc="rate")
+                engine.train_one_epoch(training, x, y, step, desc="rate")
                 rate = n / (time.perf_counter() - start)
                 kind = "graph" if captured is not None else ("eager (capture failed)" if graphed else "eager")
                 out[f"{model_cfg.arch} b{cfg.batch_size} {precision} {kind}"] = round(rate)
@@ -237,8 +238,8 @@ def main() -> None:
     parser.add_argument("--pack", action="store_true", help=f"gzip --data into {PACKED} for the trip, and stop")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    logging.getLogger("pipeline.train").addHandler(NOTES)
-    logging.getLogger("pipeline.train").setLevel(logging.INFO)
+    logging.getLogger("pipeline.core.cuda_graphs").addHandler(NOTES)
+    logging.getLogger("pipeline").setLevel(logging.INFO)
     logging.getLogger("pipeline.train").propagate = False  # the table says it; no per-epoch lines
     data_dir = args.data or next((p for p in (Path("data/processed"), PACKED) if p.is_dir()), Path("data/processed"))
     if args.pack:

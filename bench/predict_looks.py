@@ -15,7 +15,8 @@ import numpy as np
 from PIL import Image
 
 from pipeline import predict
-from pipeline.data.splits import IMAGE_SIZE, load_split
+from pipeline.data.datasets import IMAGE_SIZE
+from pipeline.data.splits import load_split
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from datetime import date
 from pathlib import Path
 
 from bench.benchmark import cpu_model
-from pipeline.sweep.local import cores
+from pipeline.common.system import cores
 
 CONFIGS = {  # name: (jobs, extra environment)
     "-j 1": (1, {}),

@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from bench.benchmark import cpu_model
+from pipeline.common.system import cores
 from pipeline.core.runtime import cpu_has_native_bf16
-from pipeline.serving.pyfunc import cores
 from tests.helpers.load import CONTENT_TYPES, bodies, load, serve
 
 OUT = Path(__file__).with_name("serve_results.json")

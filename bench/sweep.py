@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from bench.benchmark import cpu_model, recipe
-from pipeline.sweep.local import cores
+from pipeline.common.system import cores
 
 SEEDS = (0, 1, 2, 3, 42)
 # The fast recipe's space made discrete, so that the grid can cover it: 4 x 3 x 2 = 24 points.

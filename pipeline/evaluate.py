@@ -18,11 +18,11 @@ from pipeline.common.files import atomic_path, check_writable, write_json
 from pipeline.core.checkpoint import load_model
 from pipeline.core.inference import predict
 from pipeline.core.runtime import pick_device
-from pipeline.data.datasets import read_info
-from pipeline.data.splits import IMAGE_SIZE, NUM_CLASSES, load_split
-from pipeline.params import EvaluateConfig, ModelConfig, RegisterConfig, load_section
+from pipeline.data.datasets import IMAGE_SIZE, NUM_CLASSES, read_info
+from pipeline.data.splits import load_split
+from pipeline.params import EvaluateConfig, ModelConfig, RegisterConfig, flatten, load_section
 from pipeline.serving import registry
-from pipeline.tracking import datasets, provenance, runs, store
+from pipeline.tracking import inputs, runs, store
 from pipeline.tracking.evaluation_run import evaluation_run, log_linked
 
 log = logging.getLogger("pipeline.evaluate")
@@ -102,6 +102,32 @@ def save_png(fig: Figure, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
 
 
+def write_reports(
+    out: Path, test: tuple[torch.Tensor, torch.Tensor], logits: torch.Tensor, classes: tuple[str, ...]
+) -> dict[str, float]:
+    """The test metrics of `logits` (N, 10) on the test split, written with the per-class table, the
+    predictions, and the two figures into `out`; returns the metrics (metrics.json's)."""
+    images, labels = test
+    predicted = logits.argmax(1)
+    matrix = confusion(labels, predicted)
+    table = per_class(matrix, classes)
+    metrics = {
+        "test_loss": F.cross_entropy(logits, labels).item(),
+        "test_accuracy": (predicted == labels).float().mean().item(),
+        "test_macro_f1": float(table["f1"].mean()),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "per_class.csv") as tmp:
+        table.to_csv(tmp, index=False, float_format="%.6f")
+    with atomic_path(out / "predictions.csv") as tmp:
+        names = np.array(classes, dtype=object)  # class names: `dvc plots` labels the confusion matrix with them
+        pd.DataFrame({"actual": names[labels.numpy()], "predicted": names[predicted.numpy()]}).to_csv(tmp, index=False)
+    save_png(confusion_figure(matrix, classes), out / "confusion_matrix.png")
+    save_png(misclassified_figure(images, labels, predicted, classes), out / "misclassified.png")
+    write_json(out / "metrics.json", metrics)
+    return metrics
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", type=Path, default=Path("data/processed"))
@@ -124,30 +150,11 @@ def main() -> None:
     info = runs.read_run_file(args.models / "mlflow_run.json")
     with evaluation_run(info):  # a run of its own, under the training run
         logits = predict(model, images.to(device), cfg.batch_size).cpu()
-        predicted = logits.argmax(1)
-        metrics = {
-            "test_loss": F.cross_entropy(logits, labels).item(),
-            "test_accuracy": (predicted == labels).float().mean().item(),
-        }
-        matrix = confusion(labels, predicted)
-        table = per_class(matrix, classes)
-        metrics["test_macro_f1"] = float(table["f1"].mean())
+        metrics = write_reports(args.out, (images, labels), logits, classes)
         log.info("test accuracy %.4f, loss %.4f", metrics["test_accuracy"], metrics["test_loss"])
-
-        args.out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(args.out / "per_class.csv") as tmp:
-            table.to_csv(tmp, index=False, float_format="%.6f")
-        with atomic_path(args.out / "predictions.csv") as tmp:
-            names = np.array(classes, dtype=object)  # class names: `dvc plots` labels the confusion matrix with them
-            table_of = {"actual": names[labels.numpy()], "predicted": names[predicted.numpy()]}
-            pd.DataFrame(table_of).to_csv(tmp, index=False)
-        save_png(confusion_figure(matrix, classes), args.out / "confusion_matrix.png")
-        save_png(misclassified_figure(images, labels, predicted, classes), args.out / "misclassified.png")
-        write_json(args.out / "metrics.json", metrics)
-
-        mlflow.log_params(provenance.flat_params(evaluate=cfg, register=register_cfg))
+        mlflow.log_params(flatten(evaluate=cfg, register=register_cfg))
         source, name = str(args.data / "test.pt"), dataset.split_name("test")
-        test_set = datasets.log_dataset(images, labels, source, name, "evaluation")
+        test_set = inputs.log_dataset(images, labels, source, name, "evaluation")
         log_linked(metrics, info["run_id"], test_set)
         for name in ("metrics.json", "per_class.csv", "confusion_matrix.png", "misclassified.png"):
             mlflow.log_artifact(str(args.out / name), artifact_path="evaluation")

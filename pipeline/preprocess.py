@@ -11,9 +11,9 @@ import torch
 
 from pipeline.common.errors import DataError, ParamsError, run_stage
 from pipeline.common.files import check_writable
-from pipeline.data.datasets import read_info, write_info
+from pipeline.data.datasets import NUM_CLASSES, read_info, write_info
 from pipeline.data.idx import read_idx
-from pipeline.data.splits import NUM_CLASSES, save_split
+from pipeline.data.splits import save_split
 from pipeline.params import PreprocessConfig, load_section
 
 log = logging.getLogger("pipeline.preprocess")

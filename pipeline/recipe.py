@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from pipeline.common.errors import ParamsError, run_stage
-from pipeline.params import ModelConfig, TrainConfig, parse_section, read_params
+from pipeline.params import ModelConfig, TrainConfig, configs, parse_section, read_params
 
 RECIPES = Path("recipes")
 SECTIONS = {"model": ModelConfig, "train": TrainConfig}  # what a recipe may set
@@ -56,16 +56,15 @@ def load_recipe(name: str, folder: Path = RECIPES, params: Path = Path("params.y
     if not path.is_file():
         raise ParamsError(f"no recipe {name!r} ({path} not found); recipes: {', '.join(names(folder)) or 'none'}")
     recipe = read_params(path)
-    current = read_params(params)
     for section, values in recipe.items():
         if section not in SECTIONS:
             raise ParamsError(f"{path}: a recipe sets {', '.join(SECTIONS)}, not {str(section)[:40]!r}")
         if not isinstance(values, dict):
             raise ParamsError(f"{path}: {section} must be a mapping of keys to values, got {type(values).__name__}")
         parse_section(section, SECTIONS[section], values, path)  # unknown keys, wrong types
-        parse_section(section, SECTIONS[section], {**(current.get(section) or {}), **values}, path)
         for key, value in values.items():
             check_value(f"{section}.{key}", value, path)
+    configs(recipe, params)  # valid with the rest of params.yaml
     return recipe
 
 

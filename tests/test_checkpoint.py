@@ -66,7 +66,7 @@ def test_a_training_checkpoint_resumes_only_with_the_same_settings_and_data(tmp_
     assert checkpoint.load_training(path, expected, 3, discarded.append) is None  # none yet
     checkpoint.save_training(path, {"history": [{"epoch": 1}]}, expected, "run-1", rows=[{"epoch": 1}])
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # written atomically: no temporary left
-    with caplog.at_level(logging.INFO, logger="pipeline.train"):
+    with caplog.at_level(logging.INFO, logger="pipeline"):
         state = checkpoint.load_training(path, expected, 3, discarded.append)
         assert state["run_id"] == "run-1" and state["rows"] == [{"epoch": 1}] and not discarded
         assert "resuming from" in caplog.text and "after epoch 1" in caplog.text

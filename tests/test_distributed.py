@@ -15,8 +15,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pipeline.common.errors import ParamsError, PipelineError
+from pipeline.common.system import cores
 from pipeline.core import engine
 from pipeline.core.model import build_model
+from pipeline.core.step import StepConfig
 from pipeline.parallel import distributed, launch
 from pipeline.parallel.distributed import World
 from pipeline.params import ModelConfig, TrainConfig
@@ -38,7 +40,7 @@ def trained(arch: str, world: World = distributed.ALONE) -> tuple[list[dict], di
     torch.manual_seed(CFG.seed)
     model = build_model(ModelConfig(arch=arch, nf=8)).to(memory_format=torch.channels_last)
     data = tiny_split()
-    history = engine.fit(model, data, data, CFG, engine.Step.of(CFG, torch.device("cpu"), world))
+    history = engine.fit(model, data, data, CFG, StepConfig.of(CFG, torch.device("cpu"), world))
     return history, model.state_dict()
 
 
@@ -118,8 +120,8 @@ def test_bad_parallel_settings_fail_in_one_line_before_any_work(processed, monke
 
     set_params(processed, "train", nproc=2, batch_size=33)
     fails(r"train.batch_size must be divisible by the number of training processes.* = 2, got 33")
-    set_params(processed, "train", nproc=launch.usable_cpus() + 1, batch_size=32 * launch.usable_cpus() + 32)
-    fails(rf"train.nproc is {launch.usable_cpus() + 1} but this machine has {launch.usable_cpus()} CPU")
+    set_params(processed, "train", nproc=cores() + 1, batch_size=32 * cores() + 32)
+    fails(rf"train.nproc is {cores() + 1} but this machine has {cores()} CPU")
     set_params(processed, "train", nproc=1, nnodes=2, batch_size=32, rdzv_endpoint=None)
     fails("train.rdzv_endpoint must be host:port of node 0 when train.nnodes is 2")
     set_params(processed, "train", rdzv_endpoint="no-such-host.invalid:29500")

@@ -116,7 +116,7 @@ from pathlib import Path
 
 import mlflow
 from pipeline import train
-from pipeline.tracking import datasets
+from pipeline.tracking import inputs
 from pipeline.tracking import runs
 from pipeline.tracking import store
 from pipeline.tracking.evaluation_run import evaluation_run
@@ -168,7 +168,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import torch
-from pipeline.tracking import datasets
+from pipeline.tracking import inputs
 from pipeline.tracking import runs
 from pipeline.tracking import store
 from pipeline.params import MlflowConfig
@@ -184,7 +184,7 @@ for r in range(rounds):
     try:
         with runs.start_run(MlflowConfig(experiment_name=f"race-{r}"), f"w{me}"):
             for k in range(6):  # six first inserts a round, each a chance to collide
-                datasets.log_dataset(images[k:], labels[k:], f"split{k}.pt", f"split-{k}", "training")
+                inputs.log_dataset(images[k:], labels[k:], f"split{k}.pt", f"split-{k}", "training")
     except Exception:
         for later in range(r + 1, rounds):  # the others must not wait for us at the next barriers
             Path(f"ready-{later}-{me}").touch()

@@ -20,7 +20,7 @@ from pipeline.common import credentials, errors, files
 from pipeline.common.errors import DataError, PipelineError, run_stage
 from pipeline.core import checkpoint, engine
 from pipeline.data.idx import idx_bytes
-from pipeline.params import MlflowConfig
+from pipeline.params import MlflowConfig, ModelConfig, TrainConfig, load_section
 from pipeline.tracking import checkpoint_run, runs, store
 
 from .conftest import REPO, run_id_of, run_main, set_params, synthetic_digits, train_until_checkpoint
@@ -67,7 +67,7 @@ def test_model_from_other_config_is_refused_by_evaluate(processed, monkeypatch) 
 
 def test_nan_loss_stops_training_names_epoch_and_batch_and_fails_the_run(processed, monkeypatch) -> None:
     set_params(processed, "train", lr=1e30)
-    with pytest.raises(train.TrainingDiverged, match=r"NaN or infinite at epoch 1, batch \d+"):
+    with pytest.raises(engine.TrainingDiverged, match=r"NaN or infinite at epoch 1, batch \d+"):
         run_main(train, monkeypatch, "--data", "data/processed", "--out", "models", "--checkpoint", "ckpt.pt")
     assert not (processed / "models/model.pt").exists()
     (run,) = MlflowClient().search_runs(MlflowClient().get_experiment_by_name("tests").experiment_id)
@@ -103,7 +103,7 @@ def test_checkpoint_from_other_params_is_not_resumed(processed, monkeypatch, cap
     # Fake a stale checkpoint from another lr: it must be ignored, with the reason logged.
     state = torch.load(processed / "models/model.pt", weights_only=True)
     stale = {
-        "fingerprint": checkpoint.fingerprint(train.ModelConfig(nf=8), train.TrainConfig(lr=0.5), "x"),
+        "fingerprint": checkpoint.fingerprint(ModelConfig(nf=8), TrainConfig(lr=0.5), "x"),
         "history": state["history"],
     }
     torch.save(stale, processed / "ckpt.pt")
@@ -116,9 +116,9 @@ def test_checkpoint_from_other_params_is_not_resumed(processed, monkeypatch, cap
 
 def stale_checkpoint(workdir, run_id: str, **train_settings) -> None:
     """A checkpoint as train writes it after epoch 0, belonging to `run_id`, for these settings."""
-    cfg = train.load_section("train", train.TrainConfig)
+    cfg = load_section("train", TrainConfig)
     cfg = dataclasses.replace(cfg, **train_settings)
-    model_cfg = train.load_section("model", train.ModelConfig)
+    model_cfg = load_section("model", ModelConfig)
     data_md5 = hashlib.md5((workdir / "data/processed/train.pt").read_bytes()).hexdigest()
     torch.save(
         {"fingerprint": checkpoint.fingerprint(model_cfg, cfg, data_md5), "history": [], "run_id": run_id}, "ckpt.pt"

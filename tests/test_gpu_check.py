@@ -2,6 +2,7 @@
 graph emulated), and bench/gpu_check.py's CPU mode without MLflow, DVC or PyYAML."""
 
 import copy
+import dataclasses
 import json
 import logging
 import subprocess
@@ -11,9 +12,9 @@ import pytest
 import torch
 
 from bench import gpu_check
-from pipeline.core import engine
+from pipeline.core import cuda_graphs, engine
 from pipeline.core.model import build_model
-from pipeline.parallel import graphs
+from pipeline.core.step import StepConfig
 from pipeline.params import ModelConfig, TrainConfig
 
 from .conftest import REPO
@@ -23,11 +24,12 @@ from .test_distributed import tiny_split
 CFG = TrainConfig(epochs=2, batch_size=32, lr=5e-3, seed=3, device="cpu", precision="fp32", schedule="onecycle")
 
 
-def trained(cfg: TrainConfig = CFG, cuda_graphs: bool | None = None, resume: dict | None = None, on_epoch=None):
+def trained(cfg: TrainConfig = CFG, graphed: bool | None = None, resume: dict | None = None, on_epoch=None):
     torch.manual_seed(cfg.seed)
     model = build_model(ModelConfig(arch="fast", nf=8)).to(memory_format=torch.channels_last)  # BatchNorm buffers
     data = tiny_split(200)
-    history = engine.fit(model, data, data, cfg, resume=resume, on_epoch=on_epoch, cuda_graphs=cuda_graphs)
+    step = dataclasses.replace(StepConfig.of(cfg, data[0].device), cuda_graphs=graphed)
+    history = engine.fit(model, data, data, cfg, step, resume=resume, on_epoch=on_epoch)
     return history, model.state_dict()
 
 
@@ -37,9 +39,10 @@ def same(a: dict, b: dict) -> bool:
 
 def test_the_captured_step_is_tried_on_cuda_with_one_process_only() -> None:
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert graphs.wanted(cuda, 1, None) and not graphs.wanted(cuda, 2, None) and not graphs.wanted(cuda, 1, False)
-    assert not graphs.wanted(cpu, 1, None) and not graphs.wanted(torch.device("mps"), 1, None)
-    assert graphs.wanted(cpu, 1, True) and not graphs.wanted(cpu, 2, True)  # asked for: tried, may fall back
+    wanted = cuda_graphs.wanted
+    assert wanted(cuda, 1, None) and not wanted(cuda, 2, None) and not wanted(cuda, 1, False)
+    assert not wanted(cpu, 1, None) and not wanted(torch.device("mps"), 1, None)
+    assert wanted(cpu, 1, True) and not wanted(cpu, 2, True)  # asked for: tried, may fall back
 
 
 def test_a_failed_capture_restores_everything_and_trains_eagerly_logged_once(caplog, monkeypatch) -> None:
@@ -54,9 +57,9 @@ def test_a_failed_capture_restores_everything_and_trains_eagerly_logged_once(cap
 
     with pytest.raises(StopIteration):
         trained(on_epoch=stop_after_epoch_1)
-    with caplog.at_level(logging.INFO, logger="pipeline.train"):
-        fallback = trained(cuda_graphs=True)
-        resumed = trained(cuda_graphs=True, resume=states[0])  # with Adam's state already there
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        fallback = trained(graphed=True)
+        resumed = trained(graphed=True, resume=states[0])  # with Adam's state already there
     assert fallback[0] == eager[0] and same(fallback[1], eager[1])
     assert resumed[0] == eager[0] and same(resumed[1], eager[1])
     failures = [r for r in caplog.records if "CUDA graph capture failed" in r.getMessage()]
@@ -88,15 +91,15 @@ def test_the_captured_path_bookkeeping_matches_eager(monkeypatch, caplog) -> Non
         recorded.append(ReplayedEagerly(step))
         return recorded[-1]
 
-    monkeypatch.setattr(graphs, "record", record)
+    monkeypatch.setattr(cuda_graphs, "record", record)
     monkeypatch.setattr(sys.modules["torch.optim.adam"], "_get_capturable_supported_devices", lambda **_: ["cpu"])
     eager = trained()
     with monkeypatch.context() as m:  # the eager loop with the optimizer the graph steps: Adam(capturable=True)
         adam = torch.optim.Adam
         m.setattr(torch.optim, "Adam", lambda *args, **kwargs: adam(*args, capturable=True, **kwargs))
         eager_capturable = trained()
-    with caplog.at_level(logging.INFO, logger="pipeline.train"):
-        captured = trained(cuda_graphs=True)
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        captured = trained(graphed=True)
     assert "training step captured as a CUDA graph (batch 32)" in caplog.text
     assert recorded[0].replays == 2 * 6  # the full batches; the short ones ran eagerly
     assert captured[0] == eager_capturable[0] and same(captured[1], eager_capturable[1])
@@ -109,7 +112,7 @@ def test_the_captured_path_bookkeeping_matches_eager(monkeypatch, caplog) -> Non
     with pytest.raises(engine.TrainingDiverged) as eager_error:
         trained(bad)
     with pytest.raises(engine.TrainingDiverged) as captured_error:
-        trained(bad, cuda_graphs=True)
+        trained(bad, graphed=True)
     assert str(captured_error.value) == str(eager_error.value)
 
 

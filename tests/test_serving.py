@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
 
+from pipeline.common.system import cores
 from pipeline.core.checkpoint import load_model
 from pipeline.core.inference import precision_setting, prepare
 from pipeline.core.runtime import cpu_has_native_bf16
@@ -166,9 +167,9 @@ def test_each_worker_runs_its_share_of_the_cores_in_the_fast_layout(server) -> N
     # INFERENCE_PRECISION if set (the suite runs once with each), else auto: bf16 where native.
     setting = precision_setting()
     precision = "bf16 autocast" if setting == "bf16" or (setting == "auto" and cpu_has_native_bf16()) else "fp32"
-    threads, cores = max(1, pyfunc.cores() // 2), pyfunc.cores()
+    threads, n = max(1, cores() // 2), cores()
     assert said == {
-        f"classifier runs in {precision}, channels_last, {threads} torch thread(s) ({cores} cores / 2 worker(s))"
+        f"classifier runs in {precision}, channels_last, {threads} torch thread(s) ({n} cores / 2 worker(s))"
     }
     assert server.log.read_text().count("pipeline.serving.pyfunc: ") == 2
 

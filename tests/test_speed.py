@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from bench import benchmark
-from pipeline import download, preprocess, train
-from pipeline.core import runtime
+from pipeline import download, preprocess
+from pipeline.core import engine, runtime
 from pipeline.core.model import FastNet, build_model
 from pipeline.params import ModelConfig, TrainConfig
 
@@ -39,19 +39,19 @@ def test_onecycle_bf16_channels_last_learns_and_resumes_identically(arch) -> Non
     data = tiny_data(192)
 
     def model() -> torch.nn.Module:  # seeded as the train stage seeds it
-        return train.build(ModelConfig(arch=arch, nf=4), cfg, torch.device("cpu"))
+        return engine.build(ModelConfig(arch=arch, nf=4), cfg, torch.device("cpu"))
 
     straight = model()
-    history = train.fit(straight, data, data, cfg)
+    history = engine.fit(straight, data, data, cfg)
     assert history[-1]["train_loss"] < history[0]["train_loss"]
 
     # Stop after epoch 1 as a kill would, keeping a copy of the state train saves to its checkpoint.
     states = []
     with pytest.raises(StopIteration):
-        train.fit(model(), data, data, cfg, on_epoch=lambda _, s: (states.append(copy.deepcopy(s)), next(iter([]))))
+        engine.fit(model(), data, data, cfg, on_epoch=lambda _, s: (states.append(copy.deepcopy(s)), next(iter([]))))
     assert len(states) == 1
     resumed = model()
-    train.fit(resumed, data, data, cfg, resume=states[0])
+    engine.fit(resumed, data, data, cfg, resume=states[0])
     a, b = straight.state_dict(), resumed.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     untrained = model().state_dict()

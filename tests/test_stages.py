@@ -13,8 +13,10 @@ from mlflow import MlflowClient
 
 from pipeline import download, evaluate, preprocess, train
 from pipeline.common.errors import DataError, ParamsError
-from pipeline.core.engine import Step, train_one_epoch
+from pipeline.core import engine
+from pipeline.core.engine import Training, train_one_epoch
 from pipeline.core.model import Net
+from pipeline.core.step import StepConfig
 from pipeline.data.datasets import FASHION_MNIST
 from pipeline.data.splits import load_split, save_split
 from pipeline.params import ModelConfig, TrainConfig
@@ -70,14 +72,13 @@ def tiny_data(n: int = 256):
 def test_loss_falls_on_a_learnable_task() -> None:
     torch.manual_seed(0)
     model, (x, y) = Net(8), tiny_data()
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    gen = torch.Generator().manual_seed(0)
-    losses = [train_one_epoch(model, x, y, Step(batch_size=32), opt, gen)["loss"] for _ in range(4)]
+    training = Training(model, torch.optim.Adam(model.parameters(), lr=2e-3), torch.Generator().manual_seed(0))
+    losses = [train_one_epoch(training, x, y, StepConfig(batch_size=32))["loss"] for _ in range(4)]
     assert losses[-1] < losses[0] * 0.5, losses
 
 
 def test_same_seed_gives_identical_weights() -> None:
-    """Through the train stage's own seeding (train.build), not a torch.manual_seed of the test's."""
+    """Through the train stage's own seeding (engine.build), not a torch.manual_seed of the test's."""
     data = tiny_data(128)
 
     def once(seed: int) -> dict[str, torch.Tensor]:
@@ -88,8 +89,8 @@ def test_same_seed_gives_identical_weights() -> None:
         random.seed(noise)
         np.random.seed(noise)
         cfg = TrainConfig(epochs=2, batch_size=32, lr=1e-3, seed=seed)
-        model = train.build(ModelConfig(nf=4), cfg, torch.device("cpu"))
-        train.fit(model, data, data, cfg)
+        model = engine.build(ModelConfig(nf=4), cfg, torch.device("cpu"))
+        engine.fit(model, data, data, cfg)
         return model.state_dict()
 
     a, b, other = once(7), once(7), once(8)

@@ -15,10 +15,11 @@ from mlflow import MlflowClient
 
 from pipeline import recipe, train
 from pipeline.common.errors import ParamsError, PipelineError
+from pipeline.common.system import cores
 from pipeline.core import engine
 from pipeline.data.splits import load_split
 from pipeline.params import ModelConfig, TrainConfig
-from pipeline.sweep import budget, local, workers
+from pipeline.sweep import budget, workers
 from pipeline.sweep import study as studies
 from pipeline.sweep import trial as trial_module
 from pipeline.sweep.__main__ import show_board
@@ -154,12 +155,12 @@ def test_jobs_2_runs_two_workers_with_the_cores_divided_and_prints_the_leaderboa
     write_sweep(processed, trials=4, sampler={"name": "random", "seed": 0}, pruner="none",
                 params={"train.lr": {"type": "float", "low": 0.001, "high": 0.005, "log": True}})  # fmt: skip
     out = sh(processed, sys.executable, "-m", "pipeline.sweep", "run", "tiny", "--jobs", "2", PYTHONPATH=str(REPO))
-    assert f"2 workers, {max(1, local.cores() // 2)} thread(s) each" in out  # the cores divided
+    assert f"2 workers, {max(1, cores() // 2)} thread(s) each" in out  # the cores divided
     study = load("tiny", f"sqlite:///{processed / 'sweeps.db'}")
     finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(finished) == 4 and len({t.number for t in finished}) == 4
     assert len({t.user_attrs["worker"] for t in finished}) == 2  # both workers took trials
-    assert {t.user_attrs["threads"] for t in finished} == {str(max(1, local.cores() // 2))}
+    assert {t.user_attrs["threads"] for t in finished} == {str(max(1, cores() // 2))}
     assert "[worker 0]" in out and "[worker 1]" in out
     show_board(load_sweep("tiny"), f"sqlite:///{processed / 'sweeps.db'}", top=10)
     board = capsys.readouterr().out

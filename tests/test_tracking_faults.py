@@ -157,7 +157,7 @@ def test_server_killed_mid_training_then_back_slow_and_failing_for_a_while(
     proxy.delay, proxy.failures = 0.02, 2  # 20 ms on each of the ~100 requests of a run
     monkeypatch.setenv("MLFLOW_TRACKING_URI", proxy.uri)
     monkeypatch.setattr("mlflow.tracking._tracking_service.utils._tracking_uri", None)
-    with caplog.at_level(logging.INFO, logger="pipeline.train"):
+    with caplog.at_level(logging.INFO, logger="pipeline"):
         run_main(train_stage, monkeypatch, "--out", "models", "--checkpoint", "ckpt.pt")  # in this process
     assert proxy.refused == 2 and "resuming from ckpt.pt" in caplog.text
     client = MlflowClient(tracking_uri=server.uri)

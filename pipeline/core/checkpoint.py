@@ -21,10 +21,10 @@ from torch import nn
 from pipeline.common.errors import DataError
 from pipeline.common.files import save_torch
 from pipeline.core.model import build_model
-from pipeline.data.splits import NUM_CLASSES
+from pipeline.data.datasets import NUM_CLASSES
 from pipeline.params import ModelConfig, TrainConfig
 
-log = logging.getLogger("pipeline.train")
+log = logging.getLogger(__name__)
 DIGITS = tuple(str(k) for k in range(NUM_CLASSES))  # the class names of model files that store none (MNIST's)
 # Settings a resumed training may change: the epoch count, and the number of processes and machines
 # (the same math on any; see distributed.shard).

@@ -14,41 +14,21 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from pipeline.common.errors import PipelineError
+from pipeline.core import cuda_graphs
 from pipeline.core.inference import predict
 from pipeline.core.model import build_model
-from pipeline.core.runtime import autocast_dtype, make_deterministic
-from pipeline.parallel import distributed, graphs
+from pipeline.core.runtime import make_deterministic
+from pipeline.core.step import StepConfig, forward
+from pipeline.parallel import distributed
 from pipeline.parallel.distributed import ALONE, World
 from pipeline.params import ModelConfig, TrainConfig
 
-log = logging.getLogger("pipeline.train")
+log = logging.getLogger(__name__)
 Split = tuple[torch.Tensor, torch.Tensor]
 
 
 class TrainingDiverged(PipelineError):
     """The loss became NaN or infinite."""
-
-
-@dataclass(frozen=True)
-class Step:
-    """How a training step computes, besides the model, optimizer and data: built once (Step.of)
-    from the train section, the device and the process group."""
-
-    batch_size: int  # global: the ranks share each batch
-    autocast: torch.dtype | None = None  # bf16 autocast, or None: fp32
-    label_smoothing: float = 0.0  # cross-entropy against targets smoothed by this much
-    shift: int = 0  # augmentation: each image moved by up to this many pixels (0: none)
-    world: World = ALONE
-
-    @classmethod
-    def of(cls, cfg: TrainConfig, device: torch.device, world: World = ALONE) -> Step:
-        autocast = autocast_dtype(cfg.precision, device)
-        return cls(cfg.batch_size, autocast, cfg.label_smoothing, cfg.shift, world)
-
-    @property
-    def precision(self) -> str:
-        """What the step computes in: bf16 (autocast) or fp32."""
-        return "bf16" if self.autocast is not None else "fp32"
 
 
 def build(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device) -> nn.Module:
@@ -75,74 +55,99 @@ def shifted(images: torch.Tensor, offsets: torch.Tensor, pad: int) -> torch.Tens
     return padded.view(b, -1).gather(1, source).view(b, 1, h, w)
 
 
+@dataclass
+class Training:
+    """What a training changes as it goes: the network (DDP-wrapped with several ranks), the
+    optimizer and schedule, the shuffling generator, and the captured step where there is one."""
+
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator  # on the CPU: the same order on every device and rank
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    captured: cuda_graphs.CapturedStep | None = None
+
+    def state(self, history: list[dict[str, float]]) -> dict[str, Any]:
+        """Everything a resumed training needs (a checkpoint's `state`)."""
+        return {
+            "model": distributed.unwrap(self.net).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "history": history,
+        }
+
+
+def batch_of(images: torch.Tensor, idx: torch.Tensor, step: StepConfig, generator: torch.Generator) -> tuple:
+    """This rank's share of the global batch `idx`: (x, idx), x (B / world, 1, 28, 28) uint8, each
+    image moved by up to `step.shift` pixels drawn from `generator` (nothing drawn at 0)."""
+    if not step.shift:
+        idx = distributed.shard(idx, step.world)
+        return images[idx], idx
+    # Offsets drawn for the global batch, then sharded with it: equal on any world size.
+    offsets = torch.randint(-step.shift, step.shift + 1, (len(idx), 2), generator=generator).to(images.device)
+    part = distributed.shard(torch.cat([idx[:, None], offsets], 1), step.world)  # (B / world, 3)
+    idx, offsets = part[:, 0], part[:, 1:]
+    return shifted(images[idx], offsets, step.shift), idx
+
+
 def train_one_epoch(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    step: Step,
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-    captured: graphs.CapturedStep | None = None,
-    desc: str = "train",
+    training: Training, images: torch.Tensor, labels: torch.Tensor, step: StepConfig, desc: str = "train"
 ) -> dict[str, float]:
     """One pass over (images, labels) in a seeded random order, in global batches of which this rank
-    takes its share (see distributed.shard); full batches through `captured` (a CUDA graph) when
-    given. A `step.shift` offset for each image is drawn from `generator` (none at 0, which draws
-    nothing). Returns mean loss and accuracy over all ranks, and `first_bad_batch`: the 1-based
-    batch whose loss was NaN or infinite on any rank, or -1."""
-    batch_size, shift, world, autocast = step.batch_size, step.shift, step.world, step.autocast
-    model.train()
+    takes its share (see distributed.shard); full batches through `training.captured` (a CUDA graph)
+    when there is one. Returns mean loss and accuracy over all ranks, and `first_bad_batch`: the
+    1-based batch whose loss was NaN or infinite on any rank, or -1."""
+    world, captured = step.world, training.captured
+    training.net.train()
     n = len(images)
     # The same seeded CPU permutation on every rank: together the ranks cover each batch once.
-    order = torch.randperm(n, generator=generator).to(images.device)
+    order = torch.randperm(n, generator=training.generator).to(images.device)
     # Sums stay on the device: reading them every batch (.item()) would sync each step.
     loss_sum = torch.zeros((), device=images.device)
     correct = torch.zeros((), dtype=torch.long, device=images.device)
     # Index of the first batch whose loss was not finite (n + 1: none), tracked on the device too.
     first_bad = torch.full((), n + 1, dtype=torch.long, device=images.device)
-    batches = range(0, n, batch_size)
+    batches = range(0, n, step.batch_size)
     progress = tqdm(batches, desc=desc, unit="batch", leave=False, disable=None if world.rank == 0 else True)
     if captured is not None:
         captured.start_epoch()
     for batch, start in enumerate(progress, 1):
-        idx = order[start : start + batch_size]
+        idx = order[start : start + step.batch_size]
         m = len(idx)  # this global batch (the last one may be short)
-        if captured is not None and m == batch_size:
+        if captured is not None and m == step.batch_size:
             captured.run(idx)
-            if scheduler is not None:
-                scheduler.step()
-            continue
-        if shift:  # offsets drawn for the global batch, then sharded with it: equal on any world size
-            offsets = torch.randint(-shift, shift + 1, (m, 2), generator=generator).to(images.device)
-            part = distributed.shard(torch.cat([idx[:, None], offsets], 1), world)  # (B / world, 3)
-            idx, offsets = part[:, 0], part[:, 1:]
-            x = shifted(images[idx], offsets, shift)
         else:
-            idx = distributed.shard(idx, world)
-            x = images[idx]
-        y = labels[idx]  # x: (B / world, 1, 28, 28) uint8, y: (B / world,)
-        with torch.autocast(images.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-            logits = model(x)
-            if world.size == 1:
-                loss = F.cross_entropy(logits, y, label_smoothing=step.label_smoothing)
-            else:  # DDP averages the ranks' gradients: scaled so, it is the gradient of the global mean
-                loss = F.cross_entropy(logits, y, reduction="sum", label_smoothing=step.label_smoothing)
-                loss = loss * (world.size / m)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        loss_sum += loss.detach() * (m / world.size)  # this rank's sum of per-image losses
-        correct += (logits.argmax(1) == y).sum()
-        first_bad = torch.where((first_bad > n) & ~loss.detach().isfinite(), batch, first_bad)
+            x, idx = batch_of(images, idx, step, training.generator)
+            y = labels[idx]
+            loss, logits = eager_step(training, x, y, step, m)
+            loss_sum += loss * (m / world.size)  # this rank's sum of per-image losses
+            correct += (logits.argmax(1) == y).sum()
+            first_bad = torch.where((first_bad > n) & ~loss.isfinite(), batch, first_bad)
+        if training.scheduler is not None:
+            training.scheduler.step()
     if captured is not None:  # its batches came first: its count is their batch number
         loss_sum, correct = loss_sum + captured.loss_sum, correct + captured.correct
         first_bad = torch.minimum(first_bad, captured.first_bad)
     totals = distributed.all_sum(torch.stack([loss_sum.double(), correct.double()]), world)
     bad = int(distributed.all_min(first_bad, world))
     return {"loss": totals[0].item() / n, "accuracy": totals[1].item() / n, "first_bad_batch": bad if bad <= n else -1}
+
+
+def eager_step(
+    training: Training, x: torch.Tensor, y: torch.Tensor, step: StepConfig, global_batch: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on this rank's (x, y); returns the (detached) loss and the logits."""
+    world = step.world
+    if world.size == 1:
+        logits, loss = forward(training.net, x, y, step)
+    else:  # DDP averages the ranks' gradients: scaled so, it is the gradient of the global mean
+        logits, loss = forward(training.net, x, y, step, reduction="sum")
+        loss = loss * (world.size / global_batch)
+    training.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    training.optimizer.step()
+    return loss.detach(), logits
 
 
 # Inference batch of the per-epoch validation: larger is no faster on a CPU, and each 1000 images
@@ -173,77 +178,78 @@ def fit(
     train: Split,
     val: Split,
     cfg: TrainConfig,
-    step: Step | None = None,
+    step: StepConfig | None = None,
     *,
     resume: dict[str, Any] | None = None,
     on_epoch: Callable[[dict[str, float], dict[str, Any]], None] | None = None,
-    cuda_graphs: bool | None = None,
 ) -> list[dict[str, float]]:
-    """Train up to cfg.epochs in steps `step` (default: Step.of(cfg) on the data's device, alone),
-    continuing from a `resume` state; after each epoch hand the row of train and val loss/accuracy
-    and the full training state to `on_epoch`. With several ranks, `model` ends with the weights
-    every rank agrees on. `cuda_graphs`: capture the step (None: on CUDA with one process; a failed
-    capture falls back to eager, logged once)."""
-    step = step if step is not None else Step.of(cfg, train[0].device)
-    world = step.world
-    history: list[dict[str, float]] = []
+    """Train up to cfg.epochs in steps `step` (default: StepConfig.of(cfg) on the data's device,
+    alone), continuing from a `resume` state; after each epoch hand the row of train and val
+    loss/accuracy (and timings) and the full training state to `on_epoch`. With several ranks,
+    `model` ends with the weights every rank agrees on."""
+    step = step if step is not None else StepConfig.of(cfg, train[0].device)
+    history: list[dict[str, float]] = list(resume["history"]) if resume is not None else []
+    training = start(model, train, cfg, step, resume)
+    for epoch in range(len(history) + 1, cfg.epochs + 1):
+        row, timings = run_epoch(training, train, val, cfg, step, epoch)
+        history.append(row)  # no timings here: the history is part of the reproducible output
+        if on_epoch is not None:
+            on_epoch({**row, **timings}, training.state(history))
+    if training.net is not model:
+        distributed.check_in_sync(training.net.module, step.world)
+        model.load_state_dict(training.net.module.state_dict())
+    return history
+
+
+def start(
+    model: nn.Module, train: Split, cfg: TrainConfig, step: StepConfig, resume: dict[str, Any] | None
+) -> Training:
+    """The optimizer, schedule and generator for `model`, as they were in `resume` if given, and
+    the step captured as a CUDA graph where wanted (cuda_graphs.wanted; a failed capture is eager)."""
     if resume is not None:
         model.load_state_dict(resume["model"])
-        history = list(resume["history"])
-    net = distributed.wrap(model, world)  # `model` itself when alone
+    net = distributed.wrap(model, step.world)  # `model` itself when alone
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
-    scheduler = None
+    training = Training(net, optimizer, torch.Generator().manual_seed(cfg.seed))
     if cfg.schedule == "onecycle":  # warm up to train.lr, then anneal, stepping every batch
         steps = -(-len(train[0]) // step.batch_size)
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps)
-    # The shuffling generator lives on the CPU, so the order is the same on every device and rank.
-    generator = torch.Generator().manual_seed(cfg.seed)
+        training.scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, total_steps=cfg.epochs * steps)
     if resume is not None:
-        optimizer.load_state_dict(graphs.eager_optimizer_state(resume["optimizer"]))
-        if scheduler is not None:
-            scheduler.load_state_dict(resume["scheduler"])
-        generator.set_state(resume["generator"])
+        optimizer.load_state_dict(cuda_graphs.eager_optimizer_state(resume["optimizer"]))
+        if training.scheduler is not None:
+            training.scheduler.load_state_dict(resume["scheduler"])
+        training.generator.set_state(resume["generator"])
         torch.set_rng_state(resume["torch_rng"])
-    captured = None
     capturable = len(train[0]) >= step.batch_size and step.shift == 0  # the graph gathers unshifted batches
-    if graphs.wanted(train[0].device, world.size, cuda_graphs) and capturable:
-        captured = graphs.capture(net, optimizer, *train, step.batch_size, step.autocast, step.label_smoothing)
-    for epoch in range(len(history) + 1, cfg.epochs + 1):
-        start = time.perf_counter()
-        desc = f"epoch {epoch}/{cfg.epochs}"
-        tr = train_one_epoch(net, *train, step, optimizer, generator, scheduler, captured, desc)
-        train_seconds = time.perf_counter() - start  # train_one_epoch ends reading its sums: synced
-        if tr["first_bad_batch"] >= 0:
-            raise TrainingDiverged(
-                f"loss became NaN or infinite at epoch {epoch}, batch {tr['first_bad_batch']} "
-                f"(train.lr={cfg.lr}); no model written"
-            )
-        va = evaluate(distributed.unwrap(net), *val, batch_size=EVAL_BATCH_SIZE, world=world)
-        row = {
-            "epoch": epoch,
-            "train_loss": tr["loss"],
-            "train_accuracy": tr["accuracy"],
-            "val_loss": va["loss"],
-            "val_accuracy": va["accuracy"],
-        }
-        history.append(row)  # no timings here: the history is part of the reproducible output
-        seconds = time.perf_counter() - start
-        log.info(
-            "epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1f s",
-            *(epoch, cfg.epochs, row["train_loss"], row["train_accuracy"], row["val_loss"], row["val_accuracy"]),
-            seconds,
+    if capturable and cuda_graphs.wanted(train[0].device, step.world.size, step.cuda_graphs):
+        training.captured = cuda_graphs.capture(net, optimizer, *train, step)
+    return training
+
+
+def run_epoch(
+    training: Training, train: Split, val: Split, cfg: TrainConfig, step: StepConfig, epoch: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Train one epoch and validate: the history's row and the epoch's timings (seconds)."""
+    begin = time.perf_counter()
+    tr = train_one_epoch(training, *train, step, desc=f"epoch {epoch}/{cfg.epochs}")
+    train_seconds = time.perf_counter() - begin  # train_one_epoch ends reading its sums: synced
+    if tr["first_bad_batch"] >= 0:
+        raise TrainingDiverged(
+            f"loss became NaN or infinite at epoch {epoch}, batch {tr['first_bad_batch']} "
+            f"(train.lr={cfg.lr}); no model written"
         )
-        if on_epoch is not None:
-            state = {
-                "model": distributed.unwrap(net).state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "generator": generator.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "history": history,
-            }
-            on_epoch({**row, "epoch_seconds": seconds, "train_seconds": train_seconds}, state)
-    if net is not model:
-        distributed.check_in_sync(net.module, world)
-        model.load_state_dict(net.module.state_dict())
-    return history
+    va = evaluate(distributed.unwrap(training.net), *val, batch_size=EVAL_BATCH_SIZE, world=step.world)
+    row = {
+        "epoch": epoch,
+        "train_loss": tr["loss"],
+        "train_accuracy": tr["accuracy"],
+        "val_loss": va["loss"],
+        "val_accuracy": va["accuracy"],
+    }
+    seconds = time.perf_counter() - begin
+    log.info(
+        "epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1f s",
+        *(epoch, cfg.epochs, row["train_loss"], row["train_accuracy"], row["val_loss"], row["val_accuracy"]),
+        seconds,
+    )
+    return row, {"epoch_seconds": seconds, "train_seconds": train_seconds}

@@ -1,6 +1,6 @@
 """The network at inference: channels_last, and bf16 autocast where the chip computes bf16 natively.
 
-Chosen the way training chooses (`pipeline.runtime.autocast_dtype`): `auto` is bf16 only on a CPU
+Chosen the way training chooses (`pipeline.core.runtime.autocast_dtype`): `auto` is bf16 only on a CPU
 with AVX512-BF16 or AMX (or a CUDA GPU with bf16), fp32 elsewhere, where emulated bf16 is slower.
 The served model and `pipeline.predict` read the setting from INFERENCE_PRECISION.
 """
@@ -13,9 +13,9 @@ import os
 import torch
 
 from pipeline.core.runtime import autocast_dtype
+from pipeline.params import PRECISIONS
 
 ENV = "INFERENCE_PRECISION"
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def precision_setting(value: str | None = None) -> str:

@@ -1,11 +1,12 @@
-"""The tutorial's network: three 3x3 convs with ReLU and max-pooling, then three linear layers."""
+"""The networks (`model.arch`): `tutorial`, Net, three 3x3 convs with ReLU and max-pooling then three
+linear layers; `fast`, FastNet. Both take raw 28x28 pixels and give 10 logits."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from pipeline.data.splits import IMAGE_SIZE, NUM_CLASSES
+from pipeline.data.datasets import IMAGE_SIZE, NUM_CLASSES
 from pipeline.params import ModelConfig
 
 FAST_CROP = 2  # FastNet drops this many border pixels on each side

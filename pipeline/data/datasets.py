@@ -21,6 +21,9 @@ from pipeline.common.files import write_json
 # The MNIST family's file names: train images, train labels, test images, test labels.
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 INFO_FILE = "dataset.json"
+# Every dataset here, and so the networks' contract: 28x28 single-channel images in, 10 classes out.
+IMAGE_SIZE = 28
+NUM_CLASSES = 10
 FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # a file in its folder, or a dataset name
 
 

@@ -8,9 +8,7 @@ import torch
 
 from pipeline.common.errors import DataError
 from pipeline.common.files import save_torch
-
-IMAGE_SIZE = 28  # MNIST images are 28x28, one channel
-NUM_CLASSES = 10
+from pipeline.data.datasets import IMAGE_SIZE, NUM_CLASSES
 
 
 def save_split(path: Path, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> None:

@@ -15,13 +15,10 @@ from pathlib import Path
 import torch
 
 from pipeline.common.errors import ParamsError, PipelineError, Terminated
+from pipeline.common.system import cores
 from pipeline.params import TrainConfig
 
 RDZV_WAIT = 60.0  # seconds a machine of node rank > 0 waits for node 0's rendezvous endpoint
-
-
-def usable_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def check_devices(nproc: int, device: torch.device) -> None:
@@ -29,7 +26,7 @@ def check_devices(nproc: int, device: torch.device) -> None:
     if device.type == "cuda":
         have, what = torch.cuda.device_count(), "CUDA device(s)"
     elif device.type == "cpu":
-        have, what = usable_cpus(), "CPU core(s) (train.device is cpu)"
+        have, what = cores(), "CPU core(s) (train.device is cpu)"
     else:
         raise ParamsError(f"train.nproc > 1 needs CUDA or the CPU; train.device resolved to {device.type}")
     if nproc > have:
@@ -103,7 +100,7 @@ def start(nproc: int, nnodes: int, endpoint: str | None, argv: list[str]) -> Non
         args += ["--nnodes", str(nnodes), "--node-rank", str(rank), "--rdzv-backend", "static"]
         args += ["--master-addr", host, "--master-port", port]
     # torchrun would set 1 thread per process; share this machine's cores among them instead.
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // nproc)))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores() // nproc)))
     try:
         torchrun.run(torchrun.parse_args([*args, "-m", "pipeline.train", *argv]))
     except ChildFailedError as e:

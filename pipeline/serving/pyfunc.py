@@ -17,9 +17,10 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
+from pipeline.common.system import cores
 from pipeline.core.checkpoint import load_model
 from pipeline.core.inference import prepare
-from pipeline.data.splits import IMAGE_SIZE, NUM_CLASSES
+from pipeline.data.datasets import IMAGE_SIZE, NUM_CLASSES
 
 log = logging.getLogger("pipeline.serving.pyfunc")
 
@@ -112,11 +113,6 @@ class DigitClassifier(mlflow.pyfunc.PythonModel):
         table.insert(0, "digit", probs.argmax(1))
         table["class"] = self.classes[probs.argmax(1)]
         return table
-
-
-def cores() -> int:
-    """The CPUs this process may run on (as pipeline.sweep.workers.cores, which imports optuna)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def server_workers() -> int | None:

@@ -20,6 +20,7 @@ from mlflow.exceptions import MlflowException
 from pipeline.common.errors import PipelineError, redact
 from pipeline.params import RegisterConfig
 from pipeline.serving.pyfunc import ARTIFACT
+from pipeline.tracking.runs import logged_models, quoted
 
 # The serving model (pipeline/serving/pyfunc.py) is the one registered: it takes what a client sends
 # (28x28 images or 784-column rows) and answers digit + probabilities, which is what a
@@ -37,13 +38,6 @@ def accuracy_of(version: ModelVersion) -> float:
     except (TypeError, ValueError):
         value = math.nan
     return value if math.isfinite(value) and 0 <= value <= 1 else -math.inf
-
-
-def quoted(value: str, what: str) -> str:
-    """`value` inside single quotes for an MLflow filter string; one that could end the quote refused."""
-    if not isinstance(value, str) or not value or not value.isprintable() or any(c in value for c in "'\"\\"):
-        raise PipelineError(f"{what} {str(value)[:80]!r} cannot go into an MLflow search: no quotes or backslashes")
-    return f"'{value}'"
 
 
 def champion(client: MlflowClient, name: str) -> ModelVersion | None:
@@ -83,11 +77,7 @@ def settle_champion(client: MlflowClient, name: str) -> ModelVersion:
 
 def serving_model_uri(client: MlflowClient, run_id: str) -> str:
     """URI of the run's logged serving model (models:/m-...), the form MLflow 3 registers."""
-    run = client.get_run(run_id)
-    found = client.search_logged_models(
-        experiment_ids=[run.info.experiment_id],
-        filter_string=f"source_run_id = {quoted(run_id, 'run id')} AND name = '{ARTIFACT}'",
-    )
+    found = logged_models(client, run_id, ARTIFACT)
     if not found:
         raise PipelineError(f"run {run_id} has no logged model '{ARTIFACT}'; rerun the train stage")
     return found[-1].model_uri

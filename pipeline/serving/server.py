@@ -32,11 +32,12 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from pipeline.common.system import cores
 from pipeline.core.inference import Inference
-from pipeline.data.splits import IMAGE_SIZE
+from pipeline.data.datasets import IMAGE_SIZE
 from pipeline.serving.batching import Batcher, BatchLimits
 from pipeline.serving.champion import AliasWatch, one_line, resolve
-from pipeline.serving.pyfunc import PIXELS, PROBABILITIES, cores, to_batch
+from pipeline.serving.pyfunc import PIXELS, PROBABILITIES, to_batch
 from pipeline.serving.settings import ServeSettings
 
 log = logging.getLogger("pipeline.serving.server")

@@ -51,7 +51,7 @@ def main() -> None:
     show.add_argument("--sweeps", type=Path, default=SWEEPS, help="the folder of sweep files (default sweeps/)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    logging.getLogger("pipeline.train").setLevel(logging.WARNING)  # per-epoch lines: MLflow has them
+    logging.getLogger("pipeline.core.engine").setLevel(logging.WARNING)  # per-epoch lines: MLflow has them
 
     if args.command == "list":
         for path in sorted(SWEEPS.glob("*.yaml")):

@@ -14,7 +14,7 @@ from pipeline.common.credentials import redact
 from pipeline.common.errors import PipelineError
 from pipeline.sweep.study import DONE, count, fail_stale
 
-log = logging.getLogger("pipeline.sweep")
+log = logging.getLogger(__name__)
 # What fills the budget when a trial starts: every trial that is or may still become COMPLETE or PRUNED.
 CLAIMED = (TrialState.WAITING, TrialState.RUNNING, *DONE)
 SURPLUS_ATTR = "surplus"  # a trial that found the budget spent when it started: FAIL, never trained

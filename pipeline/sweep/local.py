@@ -12,15 +12,11 @@ import threading
 from pathlib import Path
 
 from pipeline.common.errors import PipelineError
+from pipeline.common.system import cores
 from pipeline.sweep import study as studies
 from pipeline.sweep.spec import Sweep
 
-log = logging.getLogger("pipeline.sweep")
-
-
-def cores() -> int:
-    """The CPUs this process may run on (a Slurm or container cpuset counts, not the host's)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+log = logging.getLogger(__name__)
 
 
 def gpus() -> list[str]:

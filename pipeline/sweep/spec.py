@@ -13,7 +13,7 @@ import optuna
 
 from pipeline import recipe
 from pipeline.common.errors import ParamsError
-from pipeline.params import ModelConfig, TrainConfig, parse_section, read_params
+from pipeline.params import ModelConfig, TrainConfig, check, configs, read_params
 
 SWEEPS = Path("sweeps")
 # The validation metrics a trial reports each epoch, and the way each is better. The test set
@@ -116,13 +116,6 @@ class Sweep:
         return sections
 
 
-def configs(sections: dict[str, dict[str, Any]], params: Path = Path("params.yaml")) -> tuple[ModelConfig, TrainConfig]:
-    current = read_params(params)
-    model = parse_section("model", ModelConfig, {**(current.get("model") or {}), **sections.get("model", {})}, params)
-    train = parse_section("train", TrainConfig, {**(current.get("train") or {}), **sections.get("train", {})}, params)
-    return model, train
-
-
 def _base(name: str | None) -> dict[str, dict[str, Any]] | None:
     return recipe.load_recipe(name) if name else None
 
@@ -134,84 +127,82 @@ def _construct(cls: type, options: dict[str, Any], key: str) -> Any:
         raise ParamsError(f"{key}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
 
 
-def _check(ok: bool, key: str, expected: str, got: Any) -> None:
-    if not ok:  # a key from the file may hold a newline: the message stays one line
-        key = "".join(c if c.isprintable() else repr(c)[1:-1] for c in key)
-        raise ParamsError(f"{key} must be {expected}, got {got!r:.200}")
-
-
 def _searchable(key: str, path: Path) -> None:
     section, _, name = key.partition(".")
     fields = {"model": ModelConfig, "train": TrainConfig}.get(section)
     known = fields is not None and name in fields.__dataclass_fields__
-    _check(known and key not in NOT_SEARCHED, f"{path}: {key}", "a model.* or train.* key of params.yaml", key)
+    check(known and key not in NOT_SEARCHED, f"{path}: {key}", "a model.* or train.* key of params.yaml", key)
 
 
 def _dimension(key: str, raw: Any, path: Path) -> Dimension:
     _searchable(key, path)
     where = f"{path}: params.{key}"
-    _check(isinstance(raw, dict) and raw.get("type") in KINDS, f"{where}.type", "one of float, int, categorical", raw)
+    check(isinstance(raw, dict) and raw.get("type") in KINDS, f"{where}.type", "one of float, int, categorical", raw)
     kind = raw["type"]
     allowed = {"type", *KINDS[kind], *(("log", "step") if kind != "categorical" else ())}
     unknown = sorted(set(raw) - allowed)
-    _check(not unknown, where, f"a mapping of {', '.join(sorted(allowed))}", unknown)
+    check(not unknown, where, f"a mapping of {', '.join(sorted(allowed))}", unknown)
     if kind == "categorical":
         choices = raw.get("choices")
-        _check(isinstance(choices, list) and len(choices) > 0, f"{where}.choices", "a non-empty list", choices)
+        check(isinstance(choices, list) and len(choices) > 0, f"{where}.choices", "a non-empty list", choices)
         plain = all(c is None or isinstance(c, str | int | float | bool) for c in choices)
-        _check(plain, f"{where}.choices", "a list of numbers, strings, booleans or null", choices)
+        check(plain, f"{where}.choices", "a list of numbers, strings, booleans or null", choices)
         return Dimension(key, kind, choices=tuple(choices))
     low, high = raw.get("low"), raw.get("high")
     number = int if kind == "int" else (int, float)
     for bound, value in (("low", low), ("high", high)):
         ok = isinstance(value, number) and not isinstance(value, bool) and math.isfinite(value)
-        _check(ok, f"{where}.{bound}", f"a{'n integer' if kind == 'int' else ' number'}", value)
-    _check(low <= high, f"{where}.high", f">= low ({low})", high)
+        check(ok, f"{where}.{bound}", f"a{'n integer' if kind == 'int' else ' number'}", value)
+    check(low <= high, f"{where}.high", f">= low ({low})", high)
     log = raw.get("log", False)
-    _check(isinstance(log, bool) and (not log or low > 0), f"{where}.log", "true only with low > 0", log)
+    check(isinstance(log, bool) and (not log or low > 0), f"{where}.log", "true only with low > 0", log)
     step = raw.get("step")
     if step is not None:
         ok = isinstance(step, number) and not isinstance(step, bool) and math.isfinite(step) and step > 0
-        _check(ok, f"{where}.step", f"a positive {'integer' if kind == 'int' else 'number'}", step)
-        _check(not log, f"{where}.step", "absent with log: true (Optuna takes one or the other)", step)
+        check(ok, f"{where}.step", f"a positive {'integer' if kind == 'int' else 'number'}", step)
+        check(not log, f"{where}.step", "absent with log: true (Optuna takes one or the other)", step)
     return Dimension(key, kind, low=low, high=high, log=log, step=step)
 
 
 SWEEP_KEYS = {"recipe", "fixed", "params", "objective", "trials", "sampler", "pruner", "heartbeat", "max_failures"}
 
 
-def load_sweep(name: str, folder: Path = SWEEPS) -> Sweep:
-    """Read and check sweeps/<name>.yaml; every key is checked before any trial runs."""
-    path = folder / f"{name}.yaml"
+def _read_sweep(name: str, folder: Path) -> tuple[Path, dict[str, Any]]:
     recipe.check_name(name, "sweep")
+    path = folder / f"{name}.yaml"
     if not path.is_file():
         found = ", ".join(sorted(p.stem for p in folder.glob("*.yaml"))) or "none"
         raise ParamsError(f"no sweep {name!r} ({path} not found); sweeps: {found}")
-    raw = read_params(path)
+    return path, read_params(path)
+
+
+def load_sweep(name: str, folder: Path = SWEEPS) -> Sweep:
+    """Read and check sweeps/<name>.yaml; every key is checked before any trial runs."""
+    path, raw = _read_sweep(name, folder)
     unknown = sorted(set(raw) - SWEEP_KEYS)
-    _check(not unknown, f"{path}", f"a mapping of {', '.join(sorted(SWEEP_KEYS))}", unknown)
+    check(not unknown, f"{path}", f"a mapping of {', '.join(sorted(SWEEP_KEYS))}", unknown)
     space = raw.get("params")
-    _check(isinstance(space, dict) and len(space) > 0, f"{path}: params", "a mapping of keys to distributions", space)
+    check(isinstance(space, dict) and len(space) > 0, f"{path}: params", "a mapping of keys to distributions", space)
     dims = tuple(_dimension(str(k), v, path) for k, v in space.items())
     fixed = raw.get("fixed") or {}
-    _check(isinstance(fixed, dict), f"{path}: fixed", "a mapping of params.yaml keys to values", fixed)
+    check(isinstance(fixed, dict), f"{path}: fixed", "a mapping of params.yaml keys to values", fixed)
     for key in fixed:
         _searchable(str(key), path)
     base = raw.get("recipe")
     ok = base is None or (isinstance(base, str) and recipe.NAME.fullmatch(base) is not None)
-    _check(ok, f"{path}: recipe", "the name of a recipe in recipes/", base)
+    check(ok, f"{path}: recipe", "the name of a recipe in recipes/", base)
     objective = raw.get("objective", "val_accuracy")
-    _check(objective in OBJECTIVES, f"{path}: objective", f"one of {', '.join(OBJECTIVES)}", objective)
+    check(objective in OBJECTIVES, f"{path}: objective", f"one of {', '.join(OBJECTIVES)}", objective)
     trials = raw.get("trials")
-    _check(_integer(trials) and trials >= 1, f"{path}: trials", "an integer >= 1", trials)
+    check(_integer(trials) and trials >= 1, f"{path}: trials", "an integer >= 1", trials)
     sampler = _named(raw.get("sampler", {"name": "tpe"}), SAMPLERS, f"{path}: sampler")
     seed = sampler.get("seed", 0)
-    _check(seed is None or (_integer(seed) and 0 <= seed < 2**31), f"{path}: sampler.seed", "an integer >= 0", seed)
+    check(seed is None or (_integer(seed) and 0 <= seed < 2**31), f"{path}: sampler.seed", "an integer >= 0", seed)
     pruner = _named(raw.get("pruner", {"name": "median"}), PRUNERS, f"{path}: pruner")
     heartbeat = raw.get("heartbeat", 10)
-    _check(_integer(heartbeat) and heartbeat >= 1, f"{path}: heartbeat", "whole seconds >= 1", heartbeat)
+    check(_integer(heartbeat) and heartbeat >= 1, f"{path}: heartbeat", "whole seconds >= 1", heartbeat)
     max_failures = raw.get("max_failures", 3)
-    _check(_integer(max_failures) and max_failures >= 1, f"{path}: max_failures", "an integer >= 1", max_failures)
+    check(_integer(max_failures) and max_failures >= 1, f"{path}: max_failures", "an integer >= 1", max_failures)
     sweep = Sweep(
         name=name,
         path=path,
@@ -277,5 +268,5 @@ def _integer(value: Any) -> bool:
 
 def _named(raw: Any, known: dict[str, Any], key: str) -> dict[str, Any]:
     raw = {"name": raw} if isinstance(raw, str) else raw
-    _check(isinstance(raw, dict) and raw.get("name") in known, f"{key}.name", f"one of {', '.join(known)}", raw)
+    check(isinstance(raw, dict) and raw.get("name") in known, f"{key}.name", f"one of {', '.join(known)}", raw)
     return dict(raw)

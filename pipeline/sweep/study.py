@@ -22,7 +22,7 @@ from pipeline.common.files import atomic_path
 from pipeline.sweep.spec import Sweep
 from pipeline.sweep.spec import configs as sweep_configs
 
-log = logging.getLogger("pipeline.sweep")
+log = logging.getLogger(__name__)
 STORE_FILE = "sweeps.db"  # one machine's default study store, beside mlflow.db at the repository root
 RUN_ID_ATTR = "mlflow_run_id"  # the trial's user attribute naming its MLflow run
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts towards the sweep's `trials`
@@ -34,7 +34,7 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 
 
 def default_storage() -> str:
-    # The repository's root as tracking.repo_root finds it, without importing MLflow here: the
+    # The repository's root as tracking.store.repo_root finds it, without importing MLflow here: the
     # `--jobs` parent and `show` stay light (4 s of imports each).
     root = Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
     return f"sqlite:///{root / STORE_FILE}"

@@ -14,14 +14,15 @@ import torch
 from mlflow.data.dataset import Dataset
 
 from pipeline.common.errors import ParamsError
-from pipeline.core.engine import Split, Step, TrainingDiverged, build, fit
-from pipeline.params import MlflowConfig, load_section
+from pipeline.core.engine import Split, TrainingDiverged, build, fit
+from pipeline.core.step import StepConfig
+from pipeline.params import MlflowConfig, flatten, load_section
 from pipeline.sweep.budget import one_line
 from pipeline.sweep.spec import Sweep
 from pipeline.sweep.study import RUN_ID_ATTR
-from pipeline.tracking import datasets, provenance, store, tags
+from pipeline.tracking import inputs, store, tags
 
-log = logging.getLogger("pipeline.sweep")
+log = logging.getLogger(__name__)
 
 
 class Objective:
@@ -42,7 +43,7 @@ class Objective:
             model_cfg, cfg = self.sweep.configs(self.sweep.overrides(trial))
         except ParamsError as e:  # a point of the space that params.yaml's checks refuse
             raise optuna.TrialPruned(f"invalid params: {e}") from None
-        step = Step.of(cfg, self.device)
+        step = StepConfig.of(cfg, self.device)
         run_tags = {**self.origin, **tags.compute_tags(self.device, step.precision)}
         run_tags |= tags.trial_tags(self.sweep.name, self.worker, trial.number)
         name = f"{self.sweep.name}-{trial.number}"
@@ -52,8 +53,8 @@ class Objective:
             trial.set_user_attr(key, value)
         status, state, diverged, failure = "FAILED", "FAIL", False, None
         try:
-            mlflow.log_params(provenance.flat_params(model=model_cfg, train=cfg))
-            datasets.log_input(self.dataset, context="training")
+            mlflow.log_params(flatten(model=model_cfg, train=cfg))
+            inputs.log_input(self.dataset, context="training")
             model = build(model_cfg, cfg, self.device)
 
             def on_epoch(row: dict[str, float], _state: dict[str, Any]) -> None:

@@ -17,9 +17,9 @@ from pipeline.sweep import budget
 from pipeline.sweep import study as studies
 from pipeline.sweep.spec import Sweep
 from pipeline.sweep.trial import Objective
-from pipeline.tracking import datasets, provenance, store, tags
+from pipeline.tracking import inputs, provenance, store, tags
 
-log = logging.getLogger("pipeline.sweep")
+log = logging.getLogger(__name__)
 # Indexes that cluster schedulers give the workers of one submission: Slurm job arrays, Kubernetes
 # indexed Jobs. They keep the workers' sampler seeds apart.
 ARRAY_INDEX_VARS = ("SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX")
@@ -45,7 +45,7 @@ def work(sweep: Sweep, url: str, data: Path, local_index: int = 0, jobs: int = 1
     study = studies.open_study(sweep, url, seed=None, attrs={"data.train_md5": md5})
     study.sampler = sweep.make_sampler(worker_seed(sweep.sampler.get("seed", 0), local_index, jobs, len(study.trials)))
     name = read_info(data, "preprocess").split_name("train")
-    dataset = datasets.dataset(*train, source=str(data / "train.pt"), name=name)
+    dataset = inputs.dataset(*train, source=str(data / "train.pt"), name=name)
     run_tags = tags.provenance_tags(md5, commit) | tags.dvc_tags()
     objective = Objective(sweep, _to(train, device), _to(val, device), dataset, device, run_tags)
     threads, where = torch.get_num_threads(), studies.redact(url)

@@ -17,7 +17,7 @@ from pipeline.common.errors import PipelineError, shielded
 from pipeline.core import checkpoint
 from pipeline.tracking import server
 
-log = logging.getLogger("pipeline.train")
+log = logging.getLogger(__name__)
 
 
 def find_run(run_id: str | None) -> Run | None:

@@ -24,7 +24,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.time import get_current_time_millis
 
 from pipeline.common.errors import PipelineError, redact
-from pipeline.tracking import datasets, runs, store, tags
+from pipeline.tracking import inputs, runs, store, tags
 
 
 @contextmanager
@@ -54,7 +54,7 @@ def evaluation_run(info: dict[str, Any]) -> Iterator[mlflow.ActiveRun]:
         raise PipelineError(
             f"cannot start the evaluation of MLflow run {model_run_id} at {mlflow.get_tracking_uri()}: {e.message}"
         ) from e
-    with runs._ending(active) as run:
+    with runs.ending(active) as run:
         if run.info.run_id != model_run_id and not run.data.tags.get("model_run_id"):
             mlflow.set_tags(tags.model_run_tag(model_run_id))  # `mlflow run`'s run, the model from another
         yield run
@@ -62,14 +62,12 @@ def evaluation_run(info: dict[str, Any]) -> Iterator[mlflow.ActiveRun]:
 
 def log_linked(metrics: dict[str, float], model_run_id: str, test_set: Dataset) -> None:
     """Log the test set as an input of the active run, linked to each model `model_run_id` logged,
-    `metrics` on those models for that dataset (datasets.log_model_metrics), and on the training run."""
+    `metrics` on those models for that dataset (inputs.log_model_metrics), and on the training run."""
     run = mlflow.active_run()
     client = MlflowClient()
-    models = client.search_logged_models(
-        experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{model_run_id}'"
-    )
+    models = runs.logged_models(client, model_run_id)
     client.log_inputs(run.info.run_id, models=[LoggedModelInput(m.model_id) for m in models])
-    datasets.log_model_metrics(metrics, model_run_id, test_set)
+    inputs.log_model_metrics(metrics, model_run_id, test_set)
     if run.info.run_id != model_run_id:
         # The training run's row in the runs table (and its chart view) compares experiments by
         # test accuracy too. Metrics, unlike params, may be logged again: the latest evaluation

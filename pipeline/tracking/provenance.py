@@ -1,22 +1,11 @@
-"""Where a run comes from: its params flattened, the git commit, DVC's hashes."""
+"""Where a run comes from: the git commit, DVC's hashes."""
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import yaml
-
-
-def flat_params(**sections: Any) -> dict[str, Any]:
-    """{'train': TrainConfig(lr=..)} -> {'train.lr': ..}, the names used in params.yaml."""
-    out = {}
-    for section, cfg in sections.items():
-        for key, value in dataclasses.asdict(cfg).items():
-            out[f"{section}.{key}"] = value
-    return out
 
 
 def git_commit(ignore: tuple[str, ...] = ()) -> str | None:

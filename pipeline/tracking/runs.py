@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import LoggedModel
 from mlflow.exceptions import MlflowException
 
 from pipeline.common import credentials
@@ -66,12 +68,12 @@ def start_run(
         mlflow.set_tags(tags.start_tags(name, active.info.run_name, cfg.sweep))
     except MlflowException as e:
         raise PipelineError(f"MLflow tracking at {mlflow.get_tracking_uri()} failed: {e.message}") from e
-    with _ending(active) as run:
+    with ending(active) as run:
         yield run
 
 
 @contextmanager
-def _ending(active: mlflow.ActiveRun) -> Iterator[mlflow.ActiveRun]:
+def ending(active: mlflow.ActiveRun) -> Iterator[mlflow.ActiveRun]:
     """End the run FINISHED, or KILLED on Ctrl-C or SIGTERM, or FAILED on any other error."""
     try:
         yield active
@@ -84,6 +86,22 @@ def _ending(active: mlflow.ActiveRun) -> Iterator[mlflow.ActiveRun]:
         raise
     with answering("the run's final status was not recorded"):
         mlflow.end_run()
+
+
+def quoted(value: str, what: str) -> str:
+    """`value` inside single quotes for an MLflow filter string; one that could end the quote refused."""
+    if not isinstance(value, str) or not value or not value.isprintable() or any(c in value for c in "'\"\\"):
+        raise PipelineError(f"{what} {str(value)[:80]!r} cannot go into an MLflow search: no quotes or backslashes")
+    return f"'{value}'"
+
+
+def logged_models(client: MlflowClient, run_id: str, name: str | None = None) -> list[LoggedModel]:
+    """The models that run `run_id` logged (only the one called `name` when given), oldest first."""
+    run = client.get_run(run_id)
+    where = f"source_run_id = {quoted(run_id, 'run id')}" + (
+        f" AND name = {quoted(name, 'model name')}" if name else ""
+    )
+    return client.search_logged_models(experiment_ids=[run.info.experiment_id], filter_string=where)
 
 
 def read_run_file(path: Path) -> dict[str, Any]:

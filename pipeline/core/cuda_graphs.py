@@ -16,9 +16,10 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-log = logging.getLogger("pipeline.train")
+from pipeline.core.step import StepConfig, forward
+
+log = logging.getLogger(__name__)
 WARMUP_STEPS = 3  # eager steps before capture (side stream), as PyTorch's CUDA graphs notes do
 
 
@@ -31,15 +32,12 @@ class CapturedStep:
         optimizer: torch.optim.Optimizer,
         images: torch.Tensor,
         labels: torch.Tensor,
-        batch_size: int,
-        autocast: torch.dtype | None,
-        label_smoothing: float = 0.0,
+        step: StepConfig,
     ) -> None:
         device = images.device
-        self.model, self.optimizer, self.images, self.labels = model, optimizer, images, labels
-        self.autocast, self.label_smoothing = autocast, label_smoothing
+        self.model, self.optimizer, self.images, self.labels, self.step = model, optimizer, images, labels, step
         self.n = len(images)
-        self.idx = torch.arange(batch_size, device=device)  # the graph's input: this batch's indices
+        self.idx = torch.arange(step.batch_size, device=device)  # the graph's input: this batch's indices
         self.loss_sum = torch.zeros((), device=device)
         self.correct = torch.zeros((), dtype=torch.long, device=device)
         self.count = torch.zeros((), dtype=torch.long, device=device)  # batches replayed this epoch
@@ -87,11 +85,7 @@ class CapturedStep:
 
     def _step(self) -> None:
         x, y = self.images[self.idx], self.labels[self.idx]  # (B, 1, 28, 28) uint8, (B,)
-        # No autocast weight cache inside a graph (PyTorch's CUDA graphs notes).
-        on = self.autocast is not None
-        with torch.autocast(x.device.type, dtype=self.autocast or torch.bfloat16, enabled=on, cache_enabled=False):
-            logits = self.model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        logits, loss = forward(self.model, x, y, self.step, cache=False)
         loss.backward()
         self.optimizer.step()
         loss = loss.detach()
@@ -136,19 +130,17 @@ def capture(
     optimizer: torch.optim.Optimizer,
     images: torch.Tensor,
     labels: torch.Tensor,
-    batch_size: int,
-    autocast: torch.dtype | None,
-    label_smoothing: float = 0.0,
+    step: StepConfig,
 ) -> CapturedStep | None:
     """The captured step, or None (logged once) where capture fails: train eagerly then."""
     try:
-        step = CapturedStep(model, optimizer, images, labels, batch_size, autocast, label_smoothing)
+        captured = CapturedStep(model, optimizer, images, labels, step)
     except Exception as e:
         reason = (str(e).strip().splitlines() or [""])[0][:200]
         log.warning("CUDA graph capture failed (%s: %s); training eagerly", type(e).__name__, reason)
         return None
-    log.info("training step captured as a CUDA graph (batch %d); short last batches run eagerly", batch_size)
-    return step
+    log.info("training step captured as a CUDA graph (batch %d); short last batches run eagerly", step.batch_size)
+    return captured
 
 
 def eager_optimizer_state(state: dict) -> dict:

@@ -15,6 +15,7 @@ from mlflow.data.dataset import Dataset
 from mlflow.exceptions import MlflowException
 
 from pipeline.common.errors import PipelineError
+from pipeline.tracking import runs
 
 T = TypeVar("T")
 
@@ -65,10 +66,7 @@ def log_dataset(images: torch.Tensor, labels: torch.Tensor, source: str, name: s
 def log_model_metrics(metrics: dict[str, float], model_run_id: str, dataset: Dataset) -> None:
     """Log `metrics` to the active run, linked to `dataset` and to each model that run `model_run_id`
     logged, so that the Models tab shows them."""
-    run = mlflow.active_run()
-    models = MlflowClient().search_logged_models(
-        experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{model_run_id}'"
-    )
+    models = runs.logged_models(MlflowClient(), model_run_id)
     if not models:
         raise PipelineError(f"run {model_run_id} logged no model; rerun the train stage")
     # One timestamp for all: the run's own metric table then holds each value once, not once per model.
