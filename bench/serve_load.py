@@ -42,6 +42,8 @@ from pipeline.core.runtime import cpu_has_native_bf16
 from tests.helpers.load import CONTENT_TYPES, bodies, load, serve
 
 OUT = Path(__file__).with_name("serve_results.json")
+# oneDNN's, MKL's and ATen's caps on the instruction set, with fp32: how a CPU without native bf16 is emulated here.
+EMULATION = ("INFERENCE_PRECISION", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
 
 
 def describe(model_uri: str) -> dict:
@@ -224,6 +226,8 @@ def main() -> None:
         "cpu": f"{cpu_model()}, {os.cpu_count()} cores ({cores()} usable), "
         f"{'native bf16' if cpu_has_native_bf16() else 'no native bf16'}",
         "model": model,
+        # What the run was told to emulate or pin (e.g. fp32 under an AVX2 cap: a CPU without native bf16).
+        "environment": {k: os.environ[k] for k in EMULATION if k in os.environ},
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # before, after
         "server_rss_idle_mb": idle,
         "server_inference": inference,
