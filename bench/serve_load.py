@@ -22,227 +22,28 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import http.client
-import io
 import itertools
 import json
 import os
 import re
 import shlex
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
 import numpy as np
-import psutil
 
 from bench.benchmark import cpu_model
 from pipeline.common.system import cores
 from pipeline.core.runtime import cpu_has_native_bf16
-from tests.helpers.servers import free_port
+from tests.helpers.load import CONTENT_TYPES, bodies, load, serve
 
 OUT = Path(__file__).with_name("serve_results.json")
-REPO = Path(__file__).resolve().parents[1]
-BODIES = 4  # distinct request bodies per batch size, sent in turn
-CONTENT_TYPES = {"json": "application/json", "npy": "application/x-npy"}
-
-
-@dataclass
-class Server:
-    url: str
-    host: str
-    port: int
-    proc: subprocess.Popen
-    log: Path
-
-    def processes(self) -> list[psutil.Process]:
-        """The `mlflow models serve` process and all its children (uvicorn and its workers)."""
-        root = psutil.Process(self.proc.pid)
-        return [root, *root.children(recursive=True)]
-
-    def cpu_s(self) -> float:
-        """CPU seconds the server's processes have used so far (user + system)."""
-        total = 0.0
-        for p in self.processes():
-            with contextlib.suppress(psutil.NoSuchProcess):
-                times = p.cpu_times()
-                total += times.user + times.system
-        return total
-
-    def rss_mb(self) -> float:
-        """Resident memory of the server: the `mlflow models serve` process and all its children."""
-        total = 0
-        for p in self.processes():
-            with contextlib.suppress(psutil.NoSuchProcess):
-                total += p.memory_info().rss
-        return total / 2**20
-
-
-@contextlib.contextmanager
-def serve(
-    model_uri: str,
-    log: Path,
-    env: dict[str, str] | None = None,
-    timeout: float = 120,
-    workers: int = 1,
-    batching: list[str] | None = None,
-) -> Iterator[Server]:
-    """`mlflow models serve --workers N` of `model_uri` on a free port of 127.0.0.1, stopped with its workers;
-    with `batching` (its extra arguments, maybe none), `python -m pipeline.serve --workers N` instead."""
-    port = free_port()
-    environ = {**os.environ, **(env or {})}
-    # mlflow starts `uvicorn` by name: the venv's bin goes first on PATH; pipeline.serve runs from this repo.
-    environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environ.get('PATH', '')}"
-    environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), environ.get("PYTHONPATH")) if p)
-    if batching is None:
-        cmd = ["mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local", "-h", "127.0.0.1"]
-        up = "Application startup complete"
-    else:
-        cmd = [sys.executable, "-m", "pipeline.serve", "--model", model_uri, "--host", "127.0.0.1", *batching]
-        up = "pipeline.serving.server: serving"  # each worker's line once its model is loaded
-    cmd += ["-p" if batching is None else "--port", str(port), "--workers", str(workers)]
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, env=environ, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    server = Server(f"http://127.0.0.1:{port}", "127.0.0.1", port, proc, log)
-    try:
-        deadline = time.monotonic() + timeout
-        # Up when every worker has loaded the model: with several, the first answers /ping before the others.
-        while not ping(server) or log.read_text().count(up) < workers:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{' '.join(cmd[:3])} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not up in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield server
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # its own process group: the CLI and uvicorn
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def ping(server: Server) -> bool:
-    try:
-        status, _ = request(server, b"", method="GET", path="/ping", timeout=2)
-        return status == 200
-    except OSError:
-        return False
-
-
-def request(
-    server: Server,
-    body: bytes,
-    content_type: str | None = "application/json",
-    method: str = "POST",
-    path: str = "/invocations",
-    timeout: float = 60,
-    conn: http.client.HTTPConnection | None = None,
-) -> tuple[int, bytes]:
-    """One HTTP request; (status, body). With `conn`, on that kept-alive connection."""
-    c = conn or http.client.HTTPConnection(server.host, server.port, timeout=timeout)
-    headers = {} if content_type is None else {"Content-Type": content_type}
-    try:
-        c.request(method, path, body=body, headers=headers)
-        response = c.getresponse()
-        return response.status, response.read()
-    finally:
-        if conn is None:
-            c.close()
-
-
-def bodies(batch: int, seed: int = 0, kind: str = "json") -> list[bytes]:
-    """Requests of `batch` random uint8 28x28 images, as JSON or .npy: a CNN's work does not depend on the pixels."""
-    rng = np.random.default_rng(seed)
-    images = [rng.integers(0, 256, (batch, 28, 28)).astype(np.uint8) for _ in range(BODIES)]
-    if kind == "json":
-        return [json.dumps({"inputs": x.tolist()}).encode() for x in images]
-    out = []
-    for x in images:
-        buffer = io.BytesIO()
-        np.save(buffer, x)
-        out.append(buffer.getvalue())
-    return out
-
-
-def client(server: Server, batch: int, payloads: list[bytes], until: float, out: dict, kind: str = "json") -> None:
-    """Send requests back to back until `until`; append latencies (s) and errors to `out`."""
-    conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
-    i = 0
-    while time.perf_counter() < until:
-        start = time.perf_counter()
-        try:
-            status, data = request(server, payloads[i % len(payloads)], CONTENT_TYPES[kind], conn=conn)
-            if status != 200:
-                raise ValueError(f"HTTP {status}: {data[:200]!r}")
-            if len(json.loads(data)["predictions"]) != batch:
-                raise ValueError(f"not {batch} predictions: {data[:200]!r}")
-            out["latencies"].append(time.perf_counter() - start)
-        except (OSError, ValueError, KeyError, http.client.HTTPException) as e:
-            out["errors"].append(f"{type(e).__name__}: {e}")
-            conn.close()
-            conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
-        i += 1
-    conn.close()
-
-
-def drive(
-    server: Server, batch: int, clients: int, seconds: float, kind: str = "json"
-) -> tuple[dict, float, list[tuple[float, float]]]:
-    """`clients` threads sending batches for `seconds`: ({latencies, errors}, elapsed s, [(s, server RSS MB)])."""
-    payloads = bodies(batch, kind=kind)
-    out: dict = {"latencies": [], "errors": []}
-    start = time.perf_counter()
-    until = start + seconds
-    threads = [
-        threading.Thread(target=client, args=(server, batch, payloads, until, out, kind)) for _ in range(clients)
-    ]
-    for t in threads:
-        t.start()
-    rss = [(0.0, server.rss_mb())]
-    while any(t.is_alive() for t in threads):  # sample the server's memory during the run
-        time.sleep(0.25)
-        rss.append((time.perf_counter() - start, server.rss_mb()))
-    for t in threads:
-        t.join()
-    return out, time.perf_counter() - start, rss
-
-
-def load(server: Server, batch: int, clients: int, seconds: float, warmup: float, kind: str = "json") -> dict:
-    """Batches of `batch` images (JSON or .npy) from `clients` at once for `warmup` s, then measured for `seconds`."""
-    drive(server, batch, clients, warmup, kind)  # first requests of a size grow the allocator's pools
-    rss_start = server.rss_mb()
-    out, elapsed, rss = drive(server, batch, clients, seconds, kind)
-    t, mb = np.array(rss).T
-    slope = np.polyfit(t, mb, 1)[0] * 60 if len(t) > 2 else 0.0  # MB per minute: a leak shows as a steady rise
-    lat = np.array(out["latencies"]) * 1000  # ms
-    n = len(lat)
-    return {
-        "batch": batch,
-        "body": kind,
-        "clients": clients,
-        "seconds": round(elapsed, 2),
-        "requests": n,
-        "images_per_s": round(n * batch / elapsed, 1),
-        "requests_per_s": round(n / elapsed, 1),
-        "p50_ms": round(float(np.percentile(lat, 50)), 1) if n else None,
-        "p99_ms": round(float(np.percentile(lat, 99)), 1) if n else None,
-        "max_ms": round(float(lat.max()), 1) if n else None,
-        "errors": len(out["errors"]),
-        "error_examples": out["errors"][:5],
-        "rss_start_mb": round(rss_start),
-        "rss_end_mb": round(server.rss_mb()),
-        "rss_max_mb": round(mb.max()),
-        "rss_trend_mb_per_min": round(float(slope), 1),
-    }
+# oneDNN's, MKL's and ATen's caps on the instruction set, with fp32: how a CPU without native bf16 is emulated here.
+EMULATION = ("INFERENCE_PRECISION", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
 
 
 def describe(model_uri: str) -> dict:
@@ -425,6 +226,8 @@ def main() -> None:
         "cpu": f"{cpu_model()}, {os.cpu_count()} cores ({cores()} usable), "
         f"{'native bf16' if cpu_has_native_bf16() else 'no native bf16'}",
         "model": model,
+        # What the run was told to emulate or pin (e.g. fp32 under an AVX2 cap: a CPU without native bf16).
+        "environment": {k: os.environ[k] for k in EMULATION if k in os.environ},
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # before, after
         "server_rss_idle_mb": idle,
         "server_inference": inference,

@@ -16,13 +16,20 @@ from pipeline.common.errors import PipelineError, run_stage
 from pipeline.serving.champion import resolve
 from pipeline.serving.settings import ServeSettings
 
-# Defaults measured with `python -m bench.serve_load` (docs/performance.md, "The batching server"): no
-# wait beyond one turn of the event loop did as well as 0.5 and 2 ms with 8 clients (the network's own
-# time lets the next batch fill), and a lone request then waits for nothing.
-MAX_IMAGES = 64
-MAX_WAIT_MS = 0.0
+# Defaults measured with 8 clients, 2 workers on 2 shared cores (docs/performance.md, "The batching server"),
+# in interleaved rounds against the earlier 64 images and no wait: waiting up to 1 ms for requests to join a
+# call took server CPU per one-image request from 0.76-0.80 to 0.62-0.69 ms (the wait applies only while
+# requests come together: a lone client waits for nobody); up to 256 images a call (a request's own cap, so
+# no new worst case) took it from 16.5-17.7 to 12.2-14.0 ms per request of 64 images.
+MAX_IMAGES = 256
+MAX_WAIT_MS = 1.0
 MAX_BODY_MB = 16.0  # 256 images as pretty-printed float JSON stay well under it
 POLL_S = 10.0
+# A body must arrive whole within this many seconds of its request's head, or the client gets 408 and the
+# connection is closed. The largest request that makes sense, 256 images, is about 1 MB of JSON: 10 s let
+# it come over a link of 1 Mbit/s. A client trickling its body holds a socket and a coroutine until then,
+# not a worker: the others are served meanwhile (tests/test_serve.py).
+BODY_TIMEOUT_S = 10.0
 
 
 def main() -> None:
@@ -35,12 +42,16 @@ def main() -> None:
     parser.add_argument("--max-wait-ms", type=float, default=MAX_WAIT_MS, help="wait for requests to join a call")
     parser.add_argument("--max-body-mb", type=float, default=MAX_BODY_MB, help="larger bodies get 413 unread")
     parser.add_argument("--poll-s", type=float, default=POLL_S, help="seconds between reads of the alias (0: never)")
+    parser.add_argument(
+        "--body-timeout-s", type=float, default=BODY_TIMEOUT_S, help="for a body to arrive whole (else 408)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:  # checked here, before any worker starts
         settings = ServeSettings(
-            args.model, args.workers, args.max_images, args.max_wait_ms, args.max_body_mb, args.poll_s
-        )
+            args.model, args.workers, args.max_images, args.max_wait_ms, args.max_body_mb, args.poll_s,
+            args.body_timeout_s,
+        )  # fmt: skip
     except ValueError as e:
         parser.error(str(e))
     try:

@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -23,18 +24,19 @@ import pytest
 import torch
 from mlflow.pyfunc import scoring_server
 
-from bench import serve_load
 from pipeline.serving.batching import INLINE_IMAGES, Batcher, BatchLimits
 from pipeline.serving.pyfunc import PIXELS, to_batch
 from pipeline.serving.server import BadRequest, from_body
 from pipeline.serving.settings import ServeSettings
 
+from .helpers.load import UP_LINE, Server, request, wait_up
+from .helpers.malformed import malformed_requests
 from .helpers.repo import REPO
-from .helpers.servers import stop_group
-from .malformed import malformed_requests
+from .helpers.servers import free_port, stop_group
 
 CHAMPION = "models:/mnist-cnn@champion"
 POLL_S = 0.5
+BODY_TIMEOUT_S = 2.0
 
 
 def images(n: int = 5, seed: int = 0) -> np.ndarray:
@@ -102,11 +104,13 @@ def test_bodies_that_are_not_images_are_refused_with_a_status_and_a_reason(body,
 
 def test_settings_are_checked_with_their_names() -> None:
     with pytest.raises(ValueError, match="--workers must be at least 1, got 0"):
-        ServeSettings(CHAMPION, 0, 64, 2, 16, 10)
+        ServeSettings(CHAMPION, 0, 64, 2, 16, 10, 10)
     with pytest.raises(ValueError, match=r"--max-wait-ms must be in \[0, 1000\], got 5000"):
-        ServeSettings(CHAMPION, 1, 64, 5000, 16, 10)
+        ServeSettings(CHAMPION, 1, 64, 5000, 16, 10, 10)
     with pytest.raises(ValueError, match=r"--poll-s must be 0 \(never\) or more, got -1"):
-        ServeSettings(CHAMPION, 1, 64, 0, 16, -1)
+        ServeSettings(CHAMPION, 1, 64, 0, 16, -1, 10)
+    with pytest.raises(ValueError, match="--body-timeout-s must be positive, got 0"):
+        ServeSettings(CHAMPION, 1, 64, 0, 16, 10, 0)
 
 
 def test_concurrent_requests_become_one_call_within_the_cap() -> None:
@@ -152,6 +156,33 @@ def test_a_failed_batch_fails_its_requests_and_the_next_batch_runs() -> None:
     assert isinstance(bad, RuntimeError) and probs.item() == 1.0
 
 
+def test_a_lone_request_waits_for_nobody_and_requests_that_come_together_wait_for_more() -> None:
+    calls: list[int] = []
+
+    def run(x: torch.Tensor):
+        calls.append(len(x))
+        return x.flatten(1)[:, :1].numpy(), "v1"
+
+    async def main() -> tuple[float, float]:
+        batcher = Batcher(run, BatchLimits(max_images=64, max_wait_s=0.3))
+        batcher.start()
+        one, clock = torch.zeros(1, 1, 28, 28), asyncio.get_running_loop().time
+        start = clock()
+        await batcher.submit(one)  # nothing came with it before: no wait
+        alone = clock() - start
+        await asyncio.gather(batcher.submit(one), batcher.submit(one))  # one call of 2: the next one waits
+        start = clock()
+        first = asyncio.ensure_future(batcher.submit(one))
+        await asyncio.sleep(0.05)
+        await asyncio.gather(first, batcher.submit(one))  # came 50 ms after the first: joined its call
+        waited = clock() - start
+        await batcher.stop()
+        return alone, waited
+
+    alone, waited = asyncio.run(main())
+    assert calls == [1, 2, 2] and alone < 0.2 and 0.25 < waited < 2, (calls, alone, waited)
+
+
 # The real server. One for the module, serving a copy of the trained registry (the alias is moved in it).
 
 
@@ -169,25 +200,23 @@ def start(registry: Path, log: Path, *args: str) -> subprocess.Popen:
 
 
 @pytest.fixture(scope="module")
-def served(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[serve_load.Server, Path]]:
+def served(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Path]]:
     """`python -m pipeline.serve --workers 2` of a copy of the trained registry's champion; (server, registry)."""
     root = tmp_path_factory.mktemp("serve")
     registry = root / "mlflow.db"
     shutil.copy(trained / "mlflow.db", registry)  # the artifacts stay where the runs wrote them (absolute URIs)
-    port, log = serve_load.free_port(), root / "serve.log"
-    proc = start(registry, log, "--workers", "2", "--port", str(port), "--poll-s", str(POLL_S), "--max-body-mb", "4")
-    server = serve_load.Server(f"http://127.0.0.1:{port}", "127.0.0.1", port, proc, log)
+    port, log = free_port(), root / "serve.log"
+    settings = ["--poll-s", str(POLL_S), "--max-body-mb", "4", "--body-timeout-s", str(BODY_TIMEOUT_S)]
+    proc = start(registry, log, "--workers", "2", "--port", str(port), *settings)
+    server = Server(f"http://127.0.0.1:{port}", "127.0.0.1", port, proc, log)
     try:
-        deadline = time.monotonic() + 120
-        while log.read_text().count("pipeline.serving.server: serving") < 2 or not serve_load.ping(server):
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.2)
+        wait_up(server, UP_LINE, count=2)
         yield server, registry
     finally:
         stop_group(proc)  # the server and its workers
 
 
-def post(server: serve_load.Server, body: bytes, content_type: str | None) -> tuple[int, dict, dict]:
+def post(server: Server, body: bytes, content_type: str | None) -> tuple[int, dict, dict]:
     """(status, JSON answer, headers) of one request on a fresh connection."""
     import http.client
 
@@ -217,7 +246,7 @@ def test_the_server_answers_every_body_as_the_classifier_does_in_process(served,
         assert (got["class"] == want["class"]).all(), name
         assert np.allclose(got.filter(like="prob_"), want.filter(like="prob_"), atol=1e-6), name
     for path, body in [("/ping", "\n"), ("/health", "\n"), ("/version", mlflow.__version__)]:  # as MLflow answers
-        status, text = serve_load.request(server, b"", method="GET", path=path)
+        status, text = request(server, b"", method="GET", path=path)
         assert status == 200 and text.decode() == body
 
 
@@ -233,7 +262,7 @@ def test_the_command_refuses_bad_settings_and_a_missing_alias_in_one_line(traine
     assert "error: cannot serve models:/mnist-cnn@nope: " in said and "Traceback" not in said, said
 
 
-def send_raw(server: serve_load.Server, start: bytes, chunks: list[bytes]) -> bytes:
+def send_raw(server: Server, start: bytes, chunks: list[bytes]) -> bytes:
     """Send a request's head and then its chunks while the server reads them; the answer's first bytes."""
     with socket.create_connection((server.host, server.port), timeout=10) as s:
         s.sendall(start)
@@ -254,7 +283,7 @@ def test_hostile_requests_get_4xx_with_one_line_and_cost_nothing(served) -> None
     server, _ = served
     cases = malformed_requests()  # the ones mlflow models serve gets; it answers 4 of them with 500
     for name, body, content_type in cases:
-        status, text = serve_load.request(server, body, content_type)
+        status, text = request(server, body, content_type)
         assert 400 <= status < 500, (name, status, text[:300])
         message = json.loads(text)["message"]
         assert message and "\n" not in message and "Traceback" not in message, (name, message)
@@ -275,6 +304,50 @@ def test_hostile_requests_get_4xx_with_one_line_and_cost_nothing(served) -> None
     status, answer, _ = post(server, json.dumps({"inputs": images(2).tolist()}).encode(), "application/json")
     assert status == 200 and len(answer["predictions"]) == 2
     assert "Traceback" not in server.log.read_text() and "Exception" not in server.log.read_text()
+
+
+def trickle(server: Server, out: list[tuple[float, bytes, bytes]]) -> None:
+    """A client sending its body a byte every 0.1 s (slowloris): (seconds to the answer, the answer, what followed)."""
+    with socket.create_connection((server.host, server.port), timeout=30) as s:
+        start = time.monotonic()
+        s.sendall(head(10_000))
+        answer = b""
+        while not answer and time.monotonic() - start < 30:
+            with contextlib.suppress(OSError):
+                s.sendall(b" ")  # JSON whitespace: never a complete body
+            if select.select([s], [], [], 0.1)[0]:
+                answer = s.recv(4096)
+        took = time.monotonic() - start
+        rest = b""
+        with contextlib.suppress(OSError):  # the server closes: b"" (or a reset, for the bytes it left unread)
+            while chunk := s.recv(4096):
+                rest += chunk
+        out.append((took, answer, rest))
+
+
+@pytest.mark.slow
+def test_a_body_that_trickles_in_is_cut_at_the_timeout_while_the_others_are_served(served) -> None:
+    server, _ = served
+    slow: list[tuple[float, bytes, bytes]] = []
+    tricklers = [threading.Thread(target=trickle, args=(server, slow)) for _ in range(8)]  # more than the workers
+    for t in tricklers:
+        t.start()
+    body = json.dumps({"inputs": images(1).tolist()}).encode()
+    served_meanwhile = []
+    while any(t.is_alive() for t in tricklers):
+        start = time.monotonic()
+        status, answer, _ = post(server, body, "application/json")
+        served_meanwhile.append((status, len(answer["predictions"]), time.monotonic() - start))
+    for t in tricklers:
+        t.join()
+    assert len(slow) == 8
+    for took, answer, rest in slow:  # the answer, then the connection closed (the reading above ended)
+        response_head, _, payload = (answer + rest).partition(b"\r\n\r\n")
+        assert response_head.startswith(b"HTTP/1.1 408") and b"connection: close" in response_head.lower(), answer
+        assert json.loads(payload)["message"].startswith("the body did not arrive within 2 s ("), payload
+        assert BODY_TIMEOUT_S <= took < BODY_TIMEOUT_S + 3, took
+    assert len(served_meanwhile) >= 10, served_meanwhile  # not blocked: answered while the bodies trickled
+    assert all(status == 200 and n == 1 and seconds < 1 for status, n, seconds in served_meanwhile), served_meanwhile
 
 
 @pytest.mark.slow

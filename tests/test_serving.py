@@ -13,7 +13,6 @@ import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
 
-from bench import serve_load
 from pipeline.common.system import cores
 from pipeline.core.checkpoint import load_model
 from pipeline.core.inference import precision_setting, prepare
@@ -22,8 +21,9 @@ from pipeline.data.splits import load_split
 from pipeline.serving import pyfunc
 from pipeline.serving.pyfunc import COLUMNS, MAX_BATCH, PROBABILITIES, to_batch
 
+from .helpers.load import Server, load, request, serve
+from .helpers.malformed import MLFLOW_500, malformed_requests
 from .helpers.tracking import run_id_of
-from .malformed import MLFLOW_500, malformed_requests
 
 CHAMPION = "models:/mnist-cnn@champion"
 
@@ -153,11 +153,11 @@ def test_the_fast_path_predicts_as_fp32(in_trained, monkeypatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[serve_load.Server]:
+def server(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """`mlflow models serve --workers 2` of the registered `mnist-cnn@champion` on 127.0.0.1, once for this module."""
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{trained / 'mlflow.db'}"}
-    with serve_load.serve(CHAMPION, log, env=env, workers=2) as server:
+    with serve(CHAMPION, log, env=env, workers=2) as server:
         yield server
 
 
@@ -180,14 +180,14 @@ def test_a_100000_row_request_is_refused_in_well_under_a_second_of_server_time(s
     body = io.BytesIO()
     frame.to_parquet(body)  # 0.5 MB: MLflow reads it in a fraction of a second, then the model's checks run
     cpu = server.cpu_s()
-    status, text = serve_load.request(server, body.getvalue(), "application/vnd.apache.parquet")
+    status, text = request(server, body.getvalue(), "application/vnd.apache.parquet")
     used = server.cpu_s() - cpu
     assert status == 400 and "at most 256 images, got 100000" in json.loads(text)["message"]
     assert used < 1.0, f"{used:.2f} s of server CPU"
 
 
-def post(server: serve_load.Server, payload: dict) -> tuple[int, dict]:
-    status, body = serve_load.request(server, json.dumps(payload).encode())
+def post(server: Server, payload: dict) -> tuple[int, dict]:
+    status, body = request(server, json.dumps(payload).encode())
     return status, json.loads(body)
 
 
@@ -220,8 +220,8 @@ def test_models_serve_answers_invocations_and_400s_bad_requests(server, in_train
 
 @pytest.mark.slow
 def test_load_8_clients_no_errors_and_flat_memory(server, in_trained) -> None:
-    """bench/serve_load.py, tiny: batches of 1 and 64 from 8 clients at once, for a second each."""
-    results = [serve_load.load(server, batch, clients=8, seconds=1.5, warmup=0.5) for batch in (1, 64)]
+    """bench/py, tiny: batches of 1 and 64 from 8 clients at once, for a second each."""
+    results = [load(server, batch, clients=8, seconds=1.5, warmup=0.5) for batch in (1, 64)]
     for r in results:
         assert r["errors"] == 0, r["error_examples"]
         assert r["requests"] >= 8
@@ -230,8 +230,6 @@ def test_load_8_clients_no_errors_and_flat_memory(server, in_trained) -> None:
         assert 0.25 < r["p50_ms"] / (1000 * r["clients"] / r["requests_per_s"]) < 1.5, r
         # Flat: after the warm-up the server holds what it needs; more would be a leak per request.
         assert r["rss_end_mb"] - r["rss_start_mb"] < 50, r
-    assert serve_load.describe(CHAMPION)["version"] == 1
-    assert "images/s" in serve_load.table(results)
 
 
 @pytest.mark.slow
@@ -240,7 +238,7 @@ def test_malformed_requests_get_4xx_with_a_message_and_the_server_stays_up(serve
     assert len(cases) >= 200 and len({name for name, _, _ in cases}) == len(cases)
     answers = {}
     for name, body, content_type in cases:
-        status, text = serve_load.request(server, body, content_type)
+        status, text = request(server, body, content_type)
         answers[name] = status, text.decode(errors="replace")
     unexpected = {
         name: (status, text[:300])
@@ -263,5 +261,5 @@ def test_malformed_requests_get_4xx_with_a_message_and_the_server_stays_up(serve
     assert status == 200 and len(body["predictions"]) == 4
 
     # Not refused (docs/troubleshooting.md): numpy reads JSON true/false among numbers as 1/0 before our code runs.
-    answers = [serve_load.request(server, f'{{"inputs": [[{"0, " * 783}{last}]]}}'.encode()) for last in ("true", "1")]
+    answers = [request(server, f'{{"inputs": [[{"0, " * 783}{last}]]}}'.encode()) for last in ("true", "1")]
     assert answers[0][0] == 200 and answers[0] == answers[1]

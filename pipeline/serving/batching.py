@@ -2,8 +2,10 @@
 
 Requests queue up while the network computes; the next call takes every request waiting (up to
 `max_images` images, whole requests only), waiting at most `max_wait_s` after the first for more
-to arrive. A big batch runs in one thread of its own, so the event loop keeps reading requests
-meanwhile; a small one runs in the loop's thread. The busier the server, the bigger its batches.
+to arrive, but only while requests come together (the last call held more than one): a lone
+client waits for nobody. A big batch runs in one thread of its own, so the event loop keeps
+reading requests meanwhile; a small one runs in the loop's thread. The busier the server, the
+bigger its batches.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class Batcher:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="network")  # one call at a time: the threads are torch's
         self.task: asyncio.Task | None = None
         self.held: tuple[torch.Tensor, asyncio.Future] | None = None  # did not fit the last batch: first of the next
+        self.together = False  # whether the last call held more than one request: only then is it worth a wait
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self.loop())
@@ -73,7 +76,7 @@ class Batcher:
         self.held = None
         images, loop = len(items[0][0]), asyncio.get_running_loop()
         await asyncio.sleep(0)  # one turn of the event loop: requests already read join without waiting
-        deadline = loop.time() + self.limits.max_wait_s
+        deadline = loop.time() + (self.limits.max_wait_s if self.together else 0)
         while images < self.limits.max_images:
             if self.queue.empty():
                 left = deadline - loop.time()
@@ -87,6 +90,7 @@ class Batcher:
                 break
             items.append(item)
             images += len(item[0])
+        self.together = len(items) > 1
         return [(x, f) for x, f in items if not f.done()]  # a cancelled caller (client gone) costs nothing
 
     async def loop(self) -> None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import mlflow
 import numpy as np
+import orjson
 import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
@@ -79,10 +80,10 @@ class BadRequest(Exception):
 def from_json(body: bytes):
     """MLflow's JSON request -> what the classifier's predict receives (a list, an array or a DataFrame)."""
     try:
-        request = json.loads(body)
-    except RecursionError:  # MLflow answers 500 to this
-        raise BadRequest(400, "the JSON is nested too deep for images") from None
-    except ValueError as e:  # not JSON, not UTF-8, or an integer of over 4300 digits (MLflow answers 500 to that)
+        request = orjson.loads(body)  # 4-5x faster than json.loads (a third of a one-image request's parsing)
+    except orjson.JSONDecodeError as e:  # not JSON, not UTF-8, an integer beyond a float, nested over 1024 deep
+        if str(e).startswith("depth limit exceeded"):  # MLflow answers 500 to this (RecursionError)
+            raise BadRequest(400, "the JSON is nested too deep for images") from None
         raise BadRequest(400, f"the body is not valid JSON: {one_line(e)}") from None
     keys = [k for k in FORMATS if isinstance(request, dict) and k in request]
     if len(keys) != 1:
@@ -149,7 +150,7 @@ def answer(probs: np.ndarray, served: Served) -> bytes:
         {"digit": d, **dict(zip(PROBABILITIES, p, strict=True)), "class": c}
         for d, p, c in zip(digits.tolist(), probs.tolist(), served.classes[digits].tolist(), strict=True)
     ]
-    return json.dumps({"predictions": rows}).encode()
+    return orjson.dumps({"predictions": rows})
 
 
 def error(status: int, message: str, code: str = "BAD_REQUEST", **headers: str) -> Response:
@@ -172,16 +173,22 @@ class Server:
         return self.served.probabilities(x)  # read once per batch: the whole batch answers from one model
 
     async def read(self, request: Request) -> bytes:
-        """The body, refused (413) once it is known to pass the limit: by its Content-Length, or while streamed."""
+        """The body, refused once it is known to pass the limit (413: by its Content-Length, or while streamed)
+        or to arrive too slowly (408: not whole within body_timeout_s)."""
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_body:
             raise BadRequest(413, f"the body is {int(declared):,} bytes, over the limit of {self.max_body:,}")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_body:
-                raise BadRequest(413, f"the body passes the limit of {self.max_body:,} bytes")
-            chunks.append(chunk)
+        try:
+            async with asyncio.timeout(self.settings.body_timeout_s):  # the whole body: a trickle never resets it
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > self.max_body:
+                        raise BadRequest(413, f"the body passes the limit of {self.max_body:,} bytes")
+                    chunks.append(chunk)
+        except TimeoutError:
+            s = self.settings.body_timeout_s
+            raise BadRequest(408, f"the body did not arrive within {s:g} s ({size:,} bytes came)") from None
         return b"".join(chunks)
 
     async def invocations(self, request: Request) -> Response:
@@ -194,7 +201,7 @@ class Server:
                 raise BadRequest(415, f"no Content-Type header: send {TYPES}")
             x = to_batch(from_body(body, content_type))  # (N, 1, 28, 28): the classifier's checks
         except BadRequest as e:
-            headers = {"Connection": "close"} if e.status == 413 else {}  # the rest of the body is not read
+            headers = {"Connection": "close"} if e.status in (408, 413) else {}  # the rest of the body is not read
             return error(e.status, str(e), **headers)
         except MlflowException as e:  # to_batch's refusals: INVALID_PARAMETER_VALUE, 400
             return error(e.get_http_status_code(), e.message, e.error_code)
@@ -225,9 +232,9 @@ class Server:
         s = self.settings
         log.info(
             "serving %s (from %s) in %s, %d torch thread(s) (%d cores / %d worker(s)); batches of up to %d images, "
-            "waiting up to %g ms; bodies up to %g MB; %s",
+            "waiting up to %g ms; bodies up to %g MB, whole within %g s; %s",
             self.served.uri, s.model, self.served.inference.describe(), torch.get_num_threads(), cores(), s.workers,
-            s.max_images, s.max_wait_ms, s.max_body_mb,
+            s.max_images, s.max_wait_ms, s.max_body_mb, s.body_timeout_s,
             f"the alias is read every {s.poll_s:g} s" if self.watch.active and s.poll_s else "no alias followed",
         )  # fmt: skip
         self.batcher.start()
