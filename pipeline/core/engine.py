@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from pipeline.common.errors import PipelineError
-from pipeline.core import cuda_graphs
+from pipeline.core import augment, cuda_graphs
 from pipeline.core.inference import predict
 from pipeline.core.model import build_model
 from pipeline.core.runtime import make_deterministic
@@ -79,16 +79,23 @@ class Training:
 
 
 def batch_of(images: torch.Tensor, idx: torch.Tensor, step: StepConfig, generator: torch.Generator) -> tuple:
-    """This rank's share of the global batch `idx`: (x, idx), x (B / world, 1, 28, 28) uint8, each
-    image moved by up to `step.shift` pixels drawn from `generator` (nothing drawn at 0)."""
-    if not step.shift:
+    """This rank's share of the global batch `idx`: (x, idx), x (B / world, 1, 28, 28) augmented as
+    `step.augment` says with numbers drawn from `generator` (nothing drawn without augmentation):
+    uint8 when at most shifted, float32 when warped (augment.warped)."""
+    aug = step.augment
+    if aug.warps:
+        # Drawn for the global batch, then sharded with it: equal on any world size.
+        draws = aug.draw(len(idx), generator).to(images.device)
+        idx, draws = distributed.shard(idx, step.world), distributed.shard(draws, step.world)
+        return augment.warped(images[idx], draws, aug), idx
+    if not aug.shift:
         idx = distributed.shard(idx, step.world)
         return images[idx], idx
     # Offsets drawn for the global batch, then sharded with it: equal on any world size.
-    offsets = torch.randint(-step.shift, step.shift + 1, (len(idx), 2), generator=generator).to(images.device)
+    offsets = torch.randint(-aug.shift, aug.shift + 1, (len(idx), 2), generator=generator).to(images.device)
     part = distributed.shard(torch.cat([idx[:, None], offsets], 1), step.world)  # (B / world, 3)
     idx, offsets = part[:, 0], part[:, 1:]
-    return shifted(images[idx], offsets, step.shift), idx
+    return shifted(images[idx], offsets, aug.shift), idx
 
 
 def train_one_epoch(
@@ -220,7 +227,7 @@ def start(
             training.scheduler.load_state_dict(resume["scheduler"])
         training.generator.set_state(resume["generator"])
         torch.set_rng_state(resume["torch_rng"])
-    capturable = len(train[0]) >= step.batch_size and step.shift == 0  # the graph gathers unshifted batches
+    capturable = len(train[0]) >= step.batch_size and not step.augment.on  # the graph gathers plain batches
     if capturable and cuda_graphs.wanted(train[0].device, step.world.size, step.cuda_graphs):
         training.captured = cuda_graphs.capture(net, optimizer, *train, step)
     return training
