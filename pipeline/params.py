@@ -16,7 +16,7 @@ from pipeline.data.datasets import DATASETS
 
 PARAMS_FILE = Path("params.yaml")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-ARCHS = ("tutorial", "fast")
+ARCHS = ("tutorial", "fast", "wide")
 PRECISIONS = ("auto", "fp32", "bf16")
 SCHEDULES = ("constant", "onecycle")
 MAX_SHIFT = 8  # pixels: a digit spans about 20 of the 28 (also the most elastic displacement)
@@ -99,6 +99,7 @@ class TrainConfig:
     rotate: float = 0.0  # augmentation: turned by up to this many degrees either way (0: none)
     scale: float = 0.0  # augmentation: zoomed by a factor in [1 - scale, 1 + scale] (0: none)
     elastic: float = 0.0  # augmentation: bent by a smooth random field of up to about this many pixels (0: none)
+    ema: float = 0.0  # decay of an exponential moving average of the weights, validated and saved (0: none)
     nproc: int = 1  # training processes on this machine (data-parallel through torchrun when > 1)
     nnodes: int = 1  # machines taking part
     rdzv_endpoint: str | None = None  # host:port of node 0 when nnodes > 1
@@ -120,6 +121,7 @@ class TrainConfig:
         check(0 <= self.scale < 1, "train.scale", "a fraction in [0, 1) (the zoom factor stays positive)", self.scale)
         ok = 0 <= self.elastic <= MAX_SHIFT
         check(ok, "train.elastic", f"a number of pixels in [0, {MAX_SHIFT}]", self.elastic)
+        check(0 <= self.ema < 1, "train.ema", "a decay in [0, 1) (0: no weight averaging)", self.ema)
         check(self.nproc >= 1, "train.nproc", "an integer >= 1", self.nproc)
         check(self.nnodes >= 1, "train.nnodes", "an integer >= 1", self.nnodes)
         ok = self.rdzv_endpoint is None or re.fullmatch(r"[\w.-]+:\d{1,5}", self.rdzv_endpoint) is not None

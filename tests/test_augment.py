@@ -1,5 +1,6 @@
 """pipeline/core/augment.py and its use in training: seeded, label-keeping, geometric, batched."""
 
+import copy
 import dataclasses
 import math
 
@@ -148,7 +149,8 @@ def tiny_fit(cfg: TrainConfig, resume: dict | None = None, states: list | None =
     """fit the fast network on 256 synthetic images; the final weights (and each epoch's state)."""
     x, y = images(256, seed=1), torch.randint(0, 10, (256,), generator=torch.Generator().manual_seed(2))
     model = engine.build(ModelConfig(arch="fast", nf=4), cfg, torch.device("cpu"))
-    on_epoch = (lambda _row, state: states.append(state)) if states is not None else None
+    # A deep copy, as train's checkpoint is: fit's state holds the live tensors and history.
+    on_epoch = (lambda _row, state: states.append(copy.deepcopy(state))) if states is not None else None
     engine.fit(model, (x, y), (x[:64], y[:64]), cfg, resume=resume, on_epoch=on_epoch)
     return [t.clone() for t in model.state_dict().values()]
 
@@ -164,6 +166,7 @@ def test_training_with_augmentation_is_seeded_and_resumes_identically() -> None:
     assert equal(a, b)
     assert not equal(a, tiny_fit(dataclasses.replace(cfg, rotate=0.0, elastic=0.0)))
     assert not equal(a, tiny_fit(dataclasses.replace(cfg, seed=1)))
+    assert len(states[0]["history"]) == 1
     assert equal(a, tiny_fit(cfg, resume=states[0]))  # the second epoch again, from the first's state
 
 
