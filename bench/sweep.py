@@ -200,7 +200,8 @@ def seeds(name: str, data: Path, rounds: int, jobs: int, precision: str = "auto"
     with multiprocessing.get_context("spawn").Pool(jobs, maxtasksperchild=1) as pool:
         for _ in range(rounds):
             args = [(name, seed, data, threads, precision) for seed in SEEDS]
-            for seed, run in zip(SEEDS, pool.starmap(seed_run, args, chunksize=1), strict=True):
+            pending = [pool.apply_async(seed_run, a) for a in args]
+            for seed, run in zip(SEEDS, (p.get() for p in pending), strict=True):  # each as it ends, in order
                 if seed in runs:
                     assert run["test_accuracy"] == runs[seed]["test_accuracy"], (name, seed)  # deterministic
                     run["train_seconds"] = min(run["train_seconds"], runs[seed]["train_seconds"])
