@@ -1,6 +1,7 @@
 """Where a recipe's training time goes, measured side by side in one run: the network's ceiling
-(bench/benchmark.py's synthetic-batch row), our loop without augmentation, our loop with the
-recipe's, and the augmentation alone (drawing and warping the same batches, no training).
+(bench/benchmark.py's synthetic-batch row: forward, backward and Adam only), our loop without
+augmentation, our loop with the recipe's (both with its schedule and weight average), and the
+augmentation alone (drawing and warping the same batches, no training).
 
     python -m bench.augment_cost best              # bench/augment_cost_best.json
     python -m bench.augment_cost best --threads 1  # as each seed of `bench.sweep --seeds --jobs 2` trains
@@ -24,8 +25,9 @@ import torch
 
 from bench.benchmark import ceiling, cpu_model, make_model
 from pipeline.common.system import cores
+from pipeline.core import engine
 from pipeline.core.augment import Augment
-from pipeline.core.engine import Training, batch_of, train_one_epoch
+from pipeline.core.engine import batch_of, train_one_epoch
 from pipeline.core.runtime import cpu_has_native_bf16, tune_malloc
 from pipeline.core.step import StepConfig
 from pipeline.data.splits import load_split
@@ -34,10 +36,10 @@ from pipeline.recipe import load_recipe
 
 
 def loop(model_cfg: ModelConfig, cfg: TrainConfig, step: StepConfig, data: tuple[torch.Tensor, torch.Tensor]) -> float:
-    """Images per second of our train_one_epoch over `data` (a few hundred batches) in steps `step`."""
+    """Images per second of our train_one_epoch over `data` (a few hundred batches) in steps `step`,
+    with the optimizer, schedule and weight average the recipe trains with (engine.start)."""
     model = make_model(model_cfg, cfg.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
-    training = Training(model, opt, torch.Generator().manual_seed(0))
+    training = engine.start(model, data, cfg, step, resume=None)
     images, labels = data
     warm = 3 * cfg.batch_size
     train_one_epoch(training, images[:warm], labels[:warm], step)
