@@ -18,6 +18,7 @@ from pipeline.common.errors import ParamsError, PipelineError
 from pipeline.common.system import cores
 from pipeline.core import engine
 from pipeline.core.model import build_model
+from pipeline.core.step import StepConfig
 from pipeline.parallel import distributed, launch
 from pipeline.parallel.distributed import World
 from pipeline.params import ModelConfig, TrainConfig
@@ -39,7 +40,7 @@ def trained(arch: str, world: World = distributed.ALONE) -> tuple[list[dict], di
     torch.manual_seed(CFG.seed)
     model = build_model(ModelConfig(arch=arch, nf=8)).to(memory_format=torch.channels_last)
     data = tiny_split()
-    history = engine.fit(model, data, data, CFG, engine.Step.of(CFG, torch.device("cpu"), world))
+    history = engine.fit(model, data, data, CFG, StepConfig.of(CFG, torch.device("cpu"), world))
     return history, model.state_dict()
 
 
