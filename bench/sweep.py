@@ -3,16 +3,21 @@ side against one, and what a trial costs beyond its epochs; and a recipe's test 
 
     python -m bench.sweep                    # search, throughput, overhead (about 10 min on 2 cores)
     python -m bench.sweep --seeds accurate   # recipes/accurate.yaml on 5 seeds: test accuracy, training time
+    python -m bench.sweep --seeds best --jobs 2 --rounds 1   # 2 seeds side by side, 1 thread each
 
 Writes bench/sweep_results.json (--seeds: bench/recipe_<name>.json). Needs data/processed (`dvc repro
-preprocess`). Studies and MLflow runs go to a temporary folder, not the repository's stores. Not a
-test: the numbers depend on the machine and its load (a shared host drifts by up to 50%).
+preprocess`; --data for another dataset's). The search's studies and MLflow runs go to a temporary
+folder; --seeds logs each seed as a run in the repository's store (or MLFLOW_TRACKING_URI), tagged
+`recipe` and `recipe.seed`, so that `mlflow ui` compares them. Not a test: the numbers depend on the
+machine and its load (a shared host drifts by up to 50%), so each seed records the load average.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import multiprocessing
 import os
 import resource
 import subprocess
@@ -27,8 +32,14 @@ from typing import Any
 import torch
 import yaml
 
-from bench.benchmark import cpu_model, recipe
+from bench.benchmark import cpu_model
 from pipeline.common.system import cores
+from pipeline.core.engine import EVAL_BATCH_SIZE, build, evaluate, fit
+from pipeline.core.runtime import cpu_has_native_bf16, tune_malloc
+from pipeline.core.step import StepConfig
+from pipeline.data.splits import load_split
+from pipeline.params import PRECISIONS, MlflowConfig, configs, flatten, load_section
+from pipeline.recipe import load_recipe
 
 SEEDS = (0, 1, 2, 3, 42)
 # The fast recipe's space made discrete, so that the grid can cover it: 4 x 3 x 2 = 24 points.
@@ -136,19 +147,77 @@ def throughput(folder: Path, trials: int, rounds: int) -> dict[str, Any]:
     }
 
 
-def seeds(name: str, data: Path, rounds: int) -> dict[str, Any]:
-    """A recipe on each seed: test accuracy (deterministic) and training time (best of `rounds`)."""
-    runs: dict[int, dict[str, float]] = {}
-    for _ in range(rounds):
-        for seed in SEEDS:
-            run = recipe(name, seed, data)
-            if seed in runs:
-                run["train_seconds"] = min(run["train_seconds"], runs[seed]["train_seconds"])
-            runs[seed] = run
-            print(f"{name} seed {seed}: {run}", flush=True)
+def seed_run(name: str, seed: int, data: Path, threads: int, precision: str = "auto") -> dict[str, Any]:
+    """The recipe trained on `seed` (on the CPU, `threads` threads) as the train stage trains it, and
+    tested; logged as a run `<recipe>-seed<seed>` tagged `recipe` in the pipeline's experiment."""
+    import mlflow
+
+    from pipeline.core.checkpoint import file_md5
+    from pipeline.data.datasets import read_info
+    from pipeline.tracking import inputs, provenance, store, tags
+
+    torch.set_num_threads(threads)
+    tune_malloc()
+    model_cfg, cfg = configs(load_recipe(name))
+    cfg = dataclasses.replace(cfg, seed=seed, device="cpu", precision=precision)
+    device = torch.device("cpu")
+    step = StepConfig.of(cfg, device)
+    train, val, test = (load_split(data / f"{s}.pt") for s in ("train", "val", "test"))
+    store.connect()
+    experiment = store.experiment_id(load_section("mlflow", MlflowConfig).experiment_name)
+    commit = provenance.git_commit(ignore=("params.yaml", "dvc.lock", "bench")) or "unknown"
+    run_tags = tags.compute_tags(device, step.precision) | tags.provenance_tags(file_md5(data / "train.pt"), commit)
+    rows: list[dict[str, float]] = []
+    load = os.getloadavg()[0]
+    model = build(model_cfg, cfg, device)
+    start = time.perf_counter()
+    fit(model, train, val, cfg, step, on_epoch=lambda row, _state: rows.append(row))
+    seconds = time.perf_counter() - start
+    result = {
+        "train_seconds": seconds,
+        "test_accuracy": evaluate(model, *test, batch_size=EVAL_BATCH_SIZE)["accuracy"],
+        "val_accuracy": rows[-1]["val_accuracy"],
+        "threads": threads,
+        "load_average": [round(load, 2), round(os.getloadavg()[0], 2)],  # 1-minute, at start and end
+    }
+    with mlflow.start_run(experiment_id=experiment, run_name=f"{name}-seed{seed}", tags=run_tags) as run:
+        mlflow.set_tags(tags.recipe_tags(name, seed))
+        mlflow.log_params(flatten(model=model_cfg, train=cfg))
+        split = read_info(data, "preprocess").split_name("train")
+        inputs.log_input(inputs.dataset(*train, source=str(data / "train.pt"), name=split), context="training")
+        for row in rows:
+            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+        mlflow.log_metrics({"test_accuracy": result["test_accuracy"], "train_seconds": seconds}, step=cfg.epochs)
+    return result | {"run_id": run.info.run_id}
+
+
+def seeds(name: str, data: Path, rounds: int, jobs: int, precision: str = "auto") -> dict[str, Any]:
+    """A recipe on each seed: test accuracy (deterministic) and training time (best of `rounds`);
+    `jobs` seeds side by side, in processes of cores / jobs threads each."""
+    threads = max(1, cores() // jobs)
+    runs: dict[int, dict[str, Any]] = {}
+    # Spawned: each process sets its thread count before torch starts its thread pool.
+    with multiprocessing.get_context("spawn").Pool(jobs, maxtasksperchild=1) as pool:
+        for _ in range(rounds):
+            args = [(name, seed, data, threads, precision) for seed in SEEDS]
+            pending = [pool.apply_async(seed_run, a) for a in args]
+            for seed, run in zip(SEEDS, (p.get() for p in pending), strict=True):  # each as it ends, in order
+                if seed in runs:
+                    assert run["test_accuracy"] == runs[seed]["test_accuracy"], (name, seed)  # deterministic
+                    run["train_seconds"] = min(run["train_seconds"], runs[seed]["train_seconds"])
+                runs[seed] = run
+                print(f"{name} seed {seed}: {run}", flush=True)
+    accuracies = [r["test_accuracy"] for r in runs.values()]
     return {
         "recipe": name,
-        "test_accuracy_min": min(r["test_accuracy"] for r in runs.values()),
+        "data": str(data),
+        "native_bf16": cpu_has_native_bf16(),
+        "precision": precision,
+        "jobs": jobs,
+        "threads": threads,
+        "test_accuracy_min": min(accuracies),
+        "test_accuracy_median": median(accuracies),
+        "test_accuracy_max": max(accuracies),
         "train_seconds_max": max(r["train_seconds"] for r in runs.values()),
         "seeds": runs,
     }
@@ -161,12 +230,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the throughput runs")
     parser.add_argument("--seeds", metavar="RECIPE", help="instead: this recipe on seeds 0, 1, 2, 3, 42")
     parser.add_argument("--only", choices=["search", "throughput"], help="one part; the other's results are kept")
+    parser.add_argument("--jobs", type=int, default=1, help="--seeds: seeds trained side by side (cores divided)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="--seeds: train.precision")
     parser.add_argument("--data", type=Path, default=Path("data/processed"))
     args = parser.parse_args()
     header = {"date": date.today().isoformat(), "cpu": cpu_model(), "cores": cores(), "torch": torch.__version__}
     if args.seeds:
-        results = {**header, **seeds(args.seeds, args.data, args.rounds)}
-        out = Path(f"bench/recipe_{args.seeds}.json")
+        results = {**header, **seeds(args.seeds, args.data, args.rounds, args.jobs, args.precision)}
+        suffix = "" if args.precision == "auto" else f"_{args.precision}"
+        out = Path(f"bench/recipe_{args.seeds}{suffix}.json")
     else:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)

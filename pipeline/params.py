@@ -16,10 +16,11 @@ from pipeline.data.datasets import DATASETS
 
 PARAMS_FILE = Path("params.yaml")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-ARCHS = ("tutorial", "fast")
+ARCHS = ("tutorial", "fast", "wide")
 PRECISIONS = ("auto", "fp32", "bf16")
 SCHEDULES = ("constant", "onecycle")
-MAX_SHIFT = 8  # pixels: a digit spans about 20 of the 28
+MAX_SHIFT = 8  # pixels: a digit spans about 20 of the 28 (also the most elastic displacement)
+MAX_ROTATE = 180  # degrees either way: every angle
 
 
 def check(ok: bool, key: str, expected: str, got: Any) -> None:
@@ -95,6 +96,10 @@ class TrainConfig:
     schedule: str = "constant"
     label_smoothing: float = 0.0
     shift: int = 0  # augmentation: each training image moved by up to this many pixels (0: none)
+    rotate: float = 0.0  # augmentation: turned by up to this many degrees either way (0: none)
+    scale: float = 0.0  # augmentation: zoomed by a factor in [1 - scale, 1 + scale] (0: none)
+    elastic: float = 0.0  # augmentation: bent by a smooth random field of up to about this many pixels (0: none)
+    ema: float = 0.0  # decay of an exponential moving average of the weights, validated and saved (0: none)
     nproc: int = 1  # training processes on this machine (data-parallel through torchrun when > 1)
     nnodes: int = 1  # machines taking part
     rdzv_endpoint: str | None = None  # host:port of node 0 when nnodes > 1
@@ -111,6 +116,12 @@ class TrainConfig:
         ok = 0 <= self.label_smoothing < 1
         check(ok, "train.label_smoothing", "a number in [0, 1)", self.label_smoothing)
         check(0 <= self.shift <= MAX_SHIFT, "train.shift", f"an integer in [0, {MAX_SHIFT}]", self.shift)
+        ok = 0 <= self.rotate <= MAX_ROTATE
+        check(ok, "train.rotate", f"a number of degrees in [0, {MAX_ROTATE}]", self.rotate)
+        check(0 <= self.scale < 1, "train.scale", "a fraction in [0, 1) (the zoom factor stays positive)", self.scale)
+        ok = 0 <= self.elastic <= MAX_SHIFT
+        check(ok, "train.elastic", f"a number of pixels in [0, {MAX_SHIFT}]", self.elastic)
+        check(0 <= self.ema < 1, "train.ema", "a decay in [0, 1) (0: no weight averaging)", self.ema)
         check(self.nproc >= 1, "train.nproc", "an integer >= 1", self.nproc)
         check(self.nnodes >= 1, "train.nnodes", "an integer >= 1", self.nnodes)
         ok = self.rdzv_endpoint is None or re.fullmatch(r"[\w.-]+:\d{1,5}", self.rdzv_endpoint) is not None

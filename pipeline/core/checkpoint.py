@@ -157,6 +157,7 @@ def _training_state(state: Any) -> bool:
         "model": dict,
         "optimizer": dict,
         "scheduler": dict,
+        "ema": dict,
         "generator": torch.Tensor,
         "torch_rng": torch.Tensor,
     }

@@ -14,7 +14,8 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from pipeline.common.errors import PipelineError
-from pipeline.core import cuda_graphs
+from pipeline.core import augment, cuda_graphs
+from pipeline.core.ema import EMA
 from pipeline.core.inference import predict
 from pipeline.core.model import build_model
 from pipeline.core.runtime import make_deterministic
@@ -58,13 +59,20 @@ def shifted(images: torch.Tensor, offsets: torch.Tensor, pad: int) -> torch.Tens
 @dataclass
 class Training:
     """What a training changes as it goes: the network (DDP-wrapped with several ranks), the
-    optimizer and schedule, the shuffling generator, and the captured step where there is one."""
+    optimizer and schedule, the shuffling generator, the captured step where there is one, and the
+    average of the weights (train.ema) where there is one."""
 
     net: nn.Module
     optimizer: torch.optim.Optimizer
-    generator: torch.Generator  # on the CPU: the same order on every device and rank
+    generator: torch.Generator  # on the CPU: the same order and augmentation on every device and rank
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     captured: cuda_graphs.CapturedStep | None = None
+    ema: EMA | None = None
+
+    @property
+    def model(self) -> nn.Module:
+        """The network validated and saved: the average of the weights if kept, else the weights."""
+        return self.ema.model if self.ema is not None else distributed.unwrap(self.net)
 
     def state(self, history: list[dict[str, float]]) -> dict[str, Any]:
         """Everything a resumed training needs (a checkpoint's `state`)."""
@@ -72,6 +80,7 @@ class Training:
             "model": distributed.unwrap(self.net).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "history": history,
@@ -79,16 +88,23 @@ class Training:
 
 
 def batch_of(images: torch.Tensor, idx: torch.Tensor, step: StepConfig, generator: torch.Generator) -> tuple:
-    """This rank's share of the global batch `idx`: (x, idx), x (B / world, 1, 28, 28) uint8, each
-    image moved by up to `step.shift` pixels drawn from `generator` (nothing drawn at 0)."""
-    if not step.shift:
+    """This rank's share of the global batch `idx`: (x, idx), x (B / world, 1, 28, 28) augmented as
+    `step.augment` says with numbers drawn from `generator` (nothing drawn without augmentation):
+    uint8 when at most shifted, float32 when warped (augment.warped)."""
+    aug = step.augment
+    if aug.warps:
+        # Drawn for the global batch, then sharded with it: equal on any world size.
+        draws = aug.draw(len(idx), generator).to(images.device)
+        idx, draws = distributed.shard(idx, step.world), distributed.shard(draws, step.world)
+        return augment.warped(images[idx], draws, aug), idx
+    if not aug.shift:
         idx = distributed.shard(idx, step.world)
         return images[idx], idx
     # Offsets drawn for the global batch, then sharded with it: equal on any world size.
-    offsets = torch.randint(-step.shift, step.shift + 1, (len(idx), 2), generator=generator).to(images.device)
+    offsets = torch.randint(-aug.shift, aug.shift + 1, (len(idx), 2), generator=generator).to(images.device)
     part = distributed.shard(torch.cat([idx[:, None], offsets], 1), step.world)  # (B / world, 3)
     idx, offsets = part[:, 0], part[:, 1:]
-    return shifted(images[idx], offsets, step.shift), idx
+    return shifted(images[idx], offsets, aug.shift), idx
 
 
 def train_one_epoch(
@@ -124,6 +140,8 @@ def train_one_epoch(
             loss_sum += loss * (m / world.size)  # this rank's sum of per-image losses
             correct += (logits.argmax(1) == y).sum()
             first_bad = torch.where((first_bad > n) & ~loss.isfinite(), batch, first_bad)
+        if training.ema is not None:  # after the step, outside any captured graph
+            training.ema.update(distributed.unwrap(training.net))
         if training.scheduler is not None:
             training.scheduler.step()
     if captured is not None:  # its batches came first: its count is their batch number
@@ -198,19 +216,24 @@ def fit(
     if training.net is not model:
         distributed.check_in_sync(training.net.module, step.world)
         model.load_state_dict(training.net.module.state_dict())
+    if training.ema is not None:  # what was validated is what is saved
+        model.load_state_dict(training.ema.model.state_dict())
     return history
 
 
 def start(
     model: nn.Module, train: Split, cfg: TrainConfig, step: StepConfig, resume: dict[str, Any] | None
 ) -> Training:
-    """The optimizer, schedule and generator for `model`, as they were in `resume` if given, and
-    the step captured as a CUDA graph where wanted (cuda_graphs.wanted; a failed capture is eager)."""
+    """The optimizer, schedule, generator and weight average for `model`, as they were in `resume`
+    if given, and the step captured as a CUDA graph where wanted (cuda_graphs.wanted; a failed
+    capture is eager)."""
     if resume is not None:
         model.load_state_dict(resume["model"])
     net = distributed.wrap(model, step.world)  # `model` itself when alone
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
     training = Training(net, optimizer, torch.Generator().manual_seed(cfg.seed))
+    if cfg.ema:
+        training.ema = EMA(model, cfg.ema)
     if cfg.schedule == "onecycle":  # warm up to train.lr, then anneal, stepping every batch
         steps = -(-len(train[0]) // step.batch_size)
         training.scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, total_steps=cfg.epochs * steps)
@@ -218,9 +241,11 @@ def start(
         optimizer.load_state_dict(cuda_graphs.eager_optimizer_state(resume["optimizer"]))
         if training.scheduler is not None:
             training.scheduler.load_state_dict(resume["scheduler"])
+        if training.ema is not None:
+            training.ema.load_state_dict(resume["ema"])
         training.generator.set_state(resume["generator"])
         torch.set_rng_state(resume["torch_rng"])
-    capturable = len(train[0]) >= step.batch_size and step.shift == 0  # the graph gathers unshifted batches
+    capturable = len(train[0]) >= step.batch_size and not step.augment.on  # the graph gathers plain batches
     if capturable and cuda_graphs.wanted(train[0].device, step.world.size, step.cuda_graphs):
         training.captured = cuda_graphs.capture(net, optimizer, *train, step)
     return training
@@ -238,7 +263,7 @@ def run_epoch(
             f"loss became NaN or infinite at epoch {epoch}, batch {tr['first_bad_batch']} "
             f"(train.lr={cfg.lr}); no model written"
         )
-    va = evaluate(distributed.unwrap(training.net), *val, batch_size=EVAL_BATCH_SIZE, world=step.world)
+    va = evaluate(training.model, *val, batch_size=EVAL_BATCH_SIZE, world=step.world)
     row = {
         "epoch": epoch,
         "train_loss": tr["loss"],

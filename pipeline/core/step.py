@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pipeline.core.augment import Augment
 from pipeline.core.runtime import autocast_dtype
 from pipeline.parallel.distributed import ALONE, World
 from pipeline.params import TrainConfig
@@ -22,14 +23,15 @@ class StepConfig:
     batch_size: int  # global: the ranks share each batch
     autocast: torch.dtype | None = None  # bf16 autocast, or None: fp32
     label_smoothing: float = 0.0  # cross-entropy against targets smoothed by this much
-    shift: int = 0  # augmentation: each image moved by up to this many pixels (0: none)
+    augment: Augment = Augment()  # what the training images go through (default: nothing)
     world: World = ALONE
     cuda_graphs: bool | None = None  # capture the step: None on CUDA with one process (cuda_graphs.wanted)
 
     @classmethod
     def of(cls, cfg: TrainConfig, device: torch.device, world: World = ALONE) -> StepConfig:
         autocast = autocast_dtype(cfg.precision, device)
-        return cls(cfg.batch_size, autocast, cfg.label_smoothing, cfg.shift, world)
+        augment = Augment(cfg.shift, cfg.rotate, cfg.scale, cfg.elastic)
+        return cls(cfg.batch_size, autocast, cfg.label_smoothing, augment, world)
 
     @property
     def precision(self) -> str:

@@ -100,6 +100,12 @@ def trial_tags(sweep: str, worker: str, number: int) -> dict[str, str]:
     return {"sweep": sweep, "sweep.worker": worker, "sweep.trial": str(number), "sweep.state": "RUNNING"}
 
 
+def recipe_tags(recipe: str, seed: int) -> dict[str, str]:
+    """A run of a recipe on one of several seeds (bench/sweep.py --seeds): `tags.recipe = 'best'`
+    picks a recipe's seeds out of the experiment, to compare in the chart view."""
+    return {"recipe": recipe, "recipe.seed": str(seed)}
+
+
 def trial_end_tags(state: str, diverged: bool = False, failure: str | None = None) -> dict[str, str]:
     """How a trial ended: Optuna's state (COMPLETE, PRUNED, FAIL), whether its loss diverged, and why it failed."""
     tags = {"sweep.state": state}
