@@ -22,8 +22,10 @@ plots/page.html: pipeline/plots_page.py $(VENV)/.installed
 repro: setup
 	dvc repro
 
+# One pytest-xdist worker per core, each taking whole modules (their module fixtures set up once),
+# longest first (tests/conftest.py). `python -m pytest tests/test_x.py` runs in one process.
 test: setup
-	python -m pytest
+	python -m pytest -n auto --dist loadfile --no-loadscope-reorder
 
 lint: setup
 	ruff check pipeline tests

@@ -1,7 +1,8 @@
-"""The tests' fixtures; the code behind them lives in tests/helpers/."""
+"""The tests' fixtures, and the order of the modules; the code behind them lives in tests/helpers/."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,36 @@ from .helpers import slurm
 from .helpers.data import write_synthetic_source
 from .helpers.repo import tiny_params
 from .helpers.stages import run_all_stages, run_main
+
+# `make test` runs the modules on one pytest-xdist worker per core (`-n auto --dist loadfile`), each
+# worker taking whole modules in collection order: the longest go first, so that no worker is left
+# running one of them alone at the end (docs/testing.md, "How long", has the durations).
+LONGEST_FIRST = [
+    "test_end_to_end.py",
+    "test_team_cache.py",
+    "test_tracking_server.py",
+    "test_tracking_faults.py",
+    "test_experiments.py",
+    "test_mlflow_project.py",
+    "test_sweep.py",
+    "test_bad_input_and_interrupts.py",
+]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """On a worker of `make test`, one torch thread, in its own process and in the commands it runs
+    (unless OMP_NUM_THREADS says otherwise): two workers of two threads each on two cores wait on
+    each other's threads (a 0.3 s epoch of the tiny training took 16 s so, 2026-12-06)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
 @pytest.fixture

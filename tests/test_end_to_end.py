@@ -158,7 +158,7 @@ def wait_for_queue(repo: Path, timeout: float = 600) -> str:
         status = sh(repo, "dvc", "queue", "status")
         if not re.search(r"\b(Queued|Running)\b", status) and "0 active, 0 idle" in status:
             return status
-        time.sleep(1)
+        time.sleep(2)  # each `dvc queue status` costs a core for about a second
     raise AssertionError(f"queue still busy after {timeout} s:\n{status}")
 
 

@@ -156,7 +156,8 @@ def test_the_fast_path_predicts_as_fp32(in_trained, monkeypatch) -> None:
 def server(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """`mlflow models serve --workers 2` of the registered `mnist-cnn@champion` on 127.0.0.1, once for this module."""
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{trained / 'mlflow.db'}"}
+    # No OMP_NUM_THREADS (`make test` sets 1): the workers divide the cores themselves, as tested below.
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{trained / 'mlflow.db'}", "OMP_NUM_THREADS": None}
     with serve(CHAMPION, log, env=env, workers=2) as server:
         yield server
 

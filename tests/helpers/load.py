@@ -59,10 +59,10 @@ class Server:
         return total / 2**20
 
 
-def server_env(env: dict[str, str] | None = None) -> dict[str, str]:
-    """This environment plus `env`, the venv's bin first on PATH (mlflow starts `uvicorn` by name) and this
-    repository on PYTHONPATH (pipeline.serve runs from it)."""
-    environ = {**os.environ, **(env or {})}
+def server_env(env: dict[str, str | None] | None = None) -> dict[str, str]:
+    """This environment plus `env` (None removes a variable), the venv's bin first on PATH (mlflow starts
+    `uvicorn` by name) and this repository on PYTHONPATH (pipeline.serve runs from it)."""
+    environ = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
     environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environ.get('PATH', '')}"
     environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), environ.get("PYTHONPATH")) if p)
     return environ
@@ -84,7 +84,7 @@ def wait_up(server: Server, up: str, count: int, timeout: float = 120) -> None:
 def serve(
     model_uri: str,
     log: Path,
-    env: dict[str, str] | None = None,
+    env: dict[str, str | None] | None = None,
     timeout: float = 120,
     workers: int = 1,
     batching: list[str] | None = None,
