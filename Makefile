@@ -28,8 +28,8 @@ test: setup
 	python -m pytest -n auto --dist loadfile --no-loadscope-reorder
 
 lint: setup
-	ruff check pipeline tests
-	ruff format --check pipeline tests
+	ruff check pipeline tests bench
+	ruff format --check pipeline tests bench
 
 clean:
 	rm -rf data models reports mlflow.db mlartifacts
