@@ -23,7 +23,7 @@ repro: setup
 	dvc repro
 
 # One pytest-xdist worker per core, each taking whole modules (their module fixtures set up once),
-# longest first (tests/conftest.py). `python -m pytest tests/test_x.py` runs in one process.
+# longest first (tests/conftest.py). `python -m pytest tests/test_stages.py` runs in one process.
 test: setup
 	python -m pytest -n auto --dist loadfile --no-loadscope-reorder
 
