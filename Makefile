@@ -22,7 +22,7 @@ plots/page.html: pipeline/plots_page.py $(VENV)/.installed
 repro: setup
 	dvc repro
 
-# One pytest-xdist worker per core, each taking whole modules (their module fixtures set up once),
+# pytest-xdist workers (one per core and one more: tests/conftest.py), each taking whole modules (their module fixtures set up once),
 # longest first (tests/conftest.py). `python -m pytest tests/test_stages.py` runs in one process.
 test: setup
 	python -m pytest -n auto --dist loadfile --no-loadscope-reorder
