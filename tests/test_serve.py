@@ -37,6 +37,7 @@ from .helpers.servers import free_port, stop_group
 CHAMPION = "models:/mnist-cnn@champion"
 POLL_S = 0.5
 BODY_TIMEOUT_S = 2.0
+HEAD_TIMEOUT_S = 2.0
 
 
 def images(n: int = 5, seed: int = 0) -> np.ndarray:
@@ -104,13 +105,15 @@ def test_bodies_that_are_not_images_are_refused_with_a_status_and_a_reason(body,
 
 def test_settings_are_checked_with_their_names() -> None:
     with pytest.raises(ValueError, match="--workers must be at least 1, got 0"):
-        ServeSettings(CHAMPION, 0, 64, 2, 16, 10, 10)
+        ServeSettings(CHAMPION, 0, 64, 2, 16, 10, 10, 10)
     with pytest.raises(ValueError, match=r"--max-wait-ms must be in \[0, 1000\], got 5000"):
-        ServeSettings(CHAMPION, 1, 64, 5000, 16, 10, 10)
+        ServeSettings(CHAMPION, 1, 64, 5000, 16, 10, 10, 10)
     with pytest.raises(ValueError, match=r"--poll-s must be 0 \(never\) or more, got -1"):
-        ServeSettings(CHAMPION, 1, 64, 0, 16, -1, 10)
+        ServeSettings(CHAMPION, 1, 64, 0, 16, -1, 10, 10)
     with pytest.raises(ValueError, match="--body-timeout-s must be positive, got 0"):
-        ServeSettings(CHAMPION, 1, 64, 0, 16, 10, 0)
+        ServeSettings(CHAMPION, 1, 64, 0, 16, 10, 0, 10)
+    with pytest.raises(ValueError, match="--head-timeout-s must be positive, got -1"):
+        ServeSettings(CHAMPION, 1, 64, 0, 16, 10, 10, -1)
 
 
 def test_concurrent_requests_become_one_call_within_the_cap() -> None:
@@ -207,6 +210,7 @@ def served(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     shutil.copy(trained / "mlflow.db", registry)  # the artifacts stay where the runs wrote them (absolute URIs)
     port, log = free_port(), root / "serve.log"
     settings = ["--poll-s", str(POLL_S), "--max-body-mb", "4", "--body-timeout-s", str(BODY_TIMEOUT_S)]
+    settings += ["--head-timeout-s", str(HEAD_TIMEOUT_S)]
     proc = start(registry, log, "--workers", "2", "--port", str(port), *settings)
     server = Server(f"http://127.0.0.1:{port}", "127.0.0.1", port, proc, log)
     try:
@@ -306,15 +310,17 @@ def test_hostile_requests_get_4xx_with_one_line_and_cost_nothing(served) -> None
     assert "Traceback" not in server.log.read_text() and "Exception" not in server.log.read_text()
 
 
-def trickle(server: Server, out: list[tuple[float, bytes, bytes]]) -> None:
-    """A client sending its body a byte every 0.1 s (slowloris): (seconds to the answer, the answer, what followed)."""
+def trickle(server: Server, out: list[tuple[float, bytes, bytes]], first: bytes, drip: bytes) -> None:
+    """A client sending `first`, then `drip` every 0.1 s (slowloris): (seconds to the answer, the answer, what
+    followed)."""
     with socket.create_connection((server.host, server.port), timeout=30) as s:
         start = time.monotonic()
-        s.sendall(head(10_000))
+        s.sendall(first)
         answer = b""
         while not answer and time.monotonic() - start < 30:
             with contextlib.suppress(OSError):
-                s.sendall(b" ")  # JSON whitespace: never a complete body
+                if drip:
+                    s.sendall(drip)
             if select.select([s], [], [], 0.1)[0]:
                 answer = s.recv(4096)
         took = time.monotonic() - start
@@ -325,11 +331,13 @@ def trickle(server: Server, out: list[tuple[float, bytes, bytes]]) -> None:
         out.append((took, answer, rest))
 
 
-@pytest.mark.slow
-def test_a_body_that_trickles_in_is_cut_at_the_timeout_while_the_others_are_served(served) -> None:
-    server, _ = served
+def slow_clients_are_cut_while_the_others_are_served(
+    server: Server, clients: list[tuple[bytes, bytes]], timeout_s: float, message: str
+) -> None:
+    """Each (first, drip) client trickles at once; each must get 408 saying `message`, then a closed connection,
+    `timeout_s` after it began; one-image requests sent meanwhile are answered, each within a second."""
     slow: list[tuple[float, bytes, bytes]] = []
-    tricklers = [threading.Thread(target=trickle, args=(server, slow)) for _ in range(8)]  # more than the workers
+    tricklers = [threading.Thread(target=trickle, args=(server, slow, *client)) for client in clients]
     for t in tricklers:
         t.start()
     body = json.dumps({"inputs": images(1).tolist()}).encode()
@@ -340,14 +348,35 @@ def test_a_body_that_trickles_in_is_cut_at_the_timeout_while_the_others_are_serv
         served_meanwhile.append((status, len(answer["predictions"]), time.monotonic() - start))
     for t in tricklers:
         t.join()
-    assert len(slow) == 8
+    assert len(slow) == len(clients)
     for took, answer, rest in slow:  # the answer, then the connection closed (the reading above ended)
         response_head, _, payload = (answer + rest).partition(b"\r\n\r\n")
         assert response_head.startswith(b"HTTP/1.1 408") and b"connection: close" in response_head.lower(), answer
-        assert json.loads(payload)["message"].startswith("the body did not arrive within 2 s ("), payload
-        assert BODY_TIMEOUT_S <= took < BODY_TIMEOUT_S + 3, took
-    assert len(served_meanwhile) >= 10, served_meanwhile  # not blocked: answered while the bodies trickled
+        assert json.loads(payload)["message"].startswith(message), payload
+        assert timeout_s <= took < timeout_s + 3, took
+    assert len(served_meanwhile) >= 10, served_meanwhile  # not blocked: answered while the clients trickled
     assert all(status == 200 and n == 1 and seconds < 1 for status, n, seconds in served_meanwhile), served_meanwhile
+
+
+@pytest.mark.slow
+def test_a_body_that_trickles_in_is_cut_at_the_timeout_while_the_others_are_served(served) -> None:
+    server, _ = served
+    bodies_trickling = [(head(10_000), b" ")] * 8  # JSON whitespace: never a complete body; more than the workers
+    slow_clients_are_cut_while_the_others_are_served(
+        server, bodies_trickling, BODY_TIMEOUT_S, "the body did not arrive within 2 s ("
+    )
+
+
+@pytest.mark.slow
+def test_a_head_that_trickles_in_or_never_comes_is_cut_at_the_timeout_while_the_others_are_served(served) -> None:
+    server, _ = served
+    header_growing = (b"POST /invocations HTTP/1.1\r\nHost: x\r\nX-Slow: ", b"a")  # a header never ended
+    line_growing = (b"POST /invo", b"c")  # the request line never ended
+    silent = (b"", b"")  # a connection that sends nothing
+    clients = [header_growing] * 4 + [line_growing] * 2 + [silent] * 2
+    slow_clients_are_cut_while_the_others_are_served(
+        server, clients, HEAD_TIMEOUT_S, "the request head did not arrive within 2 s"
+    )
 
 
 @pytest.mark.slow
