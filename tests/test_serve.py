@@ -4,6 +4,7 @@ the alias moved under load, a registry that cannot be read."""
 
 import asyncio
 import contextlib
+import gc
 import io
 import json
 import os
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from mlflow.pyfunc import scoring_server
 
 from pipeline.serving.batching import INLINE_IMAGES, Batcher, BatchLimits
 from pipeline.serving.pyfunc import PIXELS, to_batch
-from pipeline.serving.server import BadRequest, from_body
+from pipeline.serving.server import BadRequest, freeze, from_body
 from pipeline.serving.settings import ServeSettings
 
 from .helpers.load import UP_LINE, Server, request, wait_up
@@ -184,6 +186,28 @@ def test_a_lone_request_waits_for_nobody_and_requests_that_come_together_wait_fo
 
     alone, waited = asyncio.run(main())
     assert calls == [1, 2, 2] and alone < 0.2 and 0.25 < waited < 2, (calls, alone, waited)
+
+
+class Node:
+    """An object in a reference cycle: only the garbage collector frees it."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_frozen_objects_stay_out_of_collections_until_a_new_model_is_frozen() -> None:
+    old = Node()  # stands for a model's objects, which hold cycles
+    gone = weakref.ref(old)
+    try:
+        freeze()  # the server's start: everything loaded is frozen
+        assert gc.get_freeze_count() > 0
+        del old  # the alias moved: the old model is dropped
+        gc.collect()
+        assert gone() is not None  # frozen: no full pass sees it (that is what freeze is for)
+        freeze(again=True)  # the new model frozen in its place
+        assert gone() is None and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
 
 
 # The real server. One for the module, serving a copy of the trained registry (the alias is moved in it).
