@@ -188,6 +188,31 @@ def test_a_lone_request_waits_for_nobody_and_requests_that_come_together_wait_fo
     assert calls == [1, 2, 2] and alone < 0.2 and 0.25 < waited < 2, (calls, alone, waited)
 
 
+def test_the_wait_ends_once_every_request_that_can_come_has_come() -> None:
+    calls: list[int] = []
+
+    def run(x: torch.Tensor):
+        calls.append(len(x))
+        return x.flatten(1)[:, :1].numpy(), "v1"
+
+    async def main() -> float:
+        # 3 clients (open connections), a wait of up to 0.3 s: the third arriving closes the call at once.
+        batcher = Batcher(run, BatchLimits(max_images=64, max_wait_s=0.3), expected=lambda: 3)
+        batcher.start()
+        one, clock = torch.zeros(1, 1, 28, 28), asyncio.get_running_loop().time
+        await asyncio.gather(*(batcher.submit(one) for _ in range(3)))  # together: the next call may wait
+        start = clock()
+        first = [asyncio.ensure_future(batcher.submit(one)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        await asyncio.gather(*first, batcher.submit(one))  # the third, 50 ms later: no wait after it
+        waited = clock() - start
+        await batcher.stop()
+        return waited
+
+    waited = asyncio.run(main())
+    assert calls == [3, 3] and 0.04 < waited < 0.2, (calls, waited)
+
+
 class Node:
     """An object in a reference cycle: only the garbage collector frees it."""
 

@@ -1,4 +1,5 @@
-"""The server's HTTP connections: uvicorn's httptools protocol, plus a deadline on each request's head.
+"""The server's HTTP connections: uvicorn's httptools protocol, plus a deadline on each request's head and a
+count of the open connections (how many requests the batcher can expect at most).
 
 uvicorn times a connection out only while it is idle between requests (`timeout_keep_alive`): from a
 request's first byte to its last header it waits as long as the client keeps the socket open, so a
@@ -15,6 +16,13 @@ import json
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+OPEN: set[asyncio.Protocol] = set()  # this worker's open connections (the batcher's `expected`)
+
+
+def open_connections() -> int:
+    """How many connections this worker has open: with HTTP/1.1, each has at most one request in flight."""
+    return len(OPEN)
+
 
 class TimedHeadProtocol(HttpToolsProtocol):
     """uvicorn's HTTP/1.1 protocol (httptools) with a deadline on the request head."""
@@ -26,6 +34,7 @@ class TimedHeadProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        OPEN.add(self)
         self.arm()  # a connection that never sends a byte is cut too
 
     def on_message_begin(self) -> None:  # the parser saw the first byte of a request
@@ -37,6 +46,7 @@ class TimedHeadProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        OPEN.discard(self)
         self.disarm()
         super().connection_lost(exc)
 

@@ -38,6 +38,7 @@ from pipeline.core.inference import Inference
 from pipeline.data.datasets import IMAGE_SIZE
 from pipeline.serving.batching import Batcher, BatchLimits
 from pipeline.serving.champion import AliasWatch, one_line, resolve
+from pipeline.serving.connections import open_connections
 from pipeline.serving.pyfunc import PIXELS, PROBABILITIES, to_batch
 from pipeline.serving.settings import ServeSettings
 
@@ -167,7 +168,7 @@ class Server:
         self.limits = BatchLimits(settings.max_images, settings.max_wait_ms / 1000)
         self.max_body = int(settings.max_body_mb * 2**20)
         self.served: Served | None = None
-        self.batcher = Batcher(self.run, self.limits)
+        self.batcher = Batcher(self.run, self.limits, expected=open_connections)
         self.watch = AliasWatch(settings.model)
 
     def run(self, x: torch.Tensor):
