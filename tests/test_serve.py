@@ -402,7 +402,7 @@ def slow_clients_are_cut_while_the_others_are_served(
         response_head, _, payload = (answer + rest).partition(b"\r\n\r\n")
         assert response_head.startswith(b"HTTP/1.1 408") and b"connection: close" in response_head.lower(), answer
         assert json.loads(payload)["message"].startswith(message), payload
-        assert timeout_s <= took < timeout_s + 3, took
+        assert timeout_s - 0.1 <= took < timeout_s + 3, took  # the server may accept before the client's clock starts
     assert len(served_meanwhile) >= 10, served_meanwhile  # not blocked: answered while the clients trickled
     assert all(status == 200 and n == 1 and seconds < 1 for status, n, seconds in served_meanwhile), served_meanwhile
 
