@@ -252,9 +252,9 @@ class Server:
 
 def freeze(again: bool = False) -> None:
     """Keep the loaded worker's objects (torch, MLflow, pandas, the model: about 430,000) out of the garbage
-    collector's full passes. A request of 64 JSON images makes about 1,900 lists, so under load a full pass came
-    every few seconds and held the worker 0.2 s (0.6 s on a busy core): the JSON p99 of batch 64. Frozen, a
-    full pass sees only what was made since."""
+    collector's full passes. A request of 64 JSON images makes about 1,900 lists, so under load full passes kept
+    coming, each holding the worker 0.2 s (0.6 s on a busy core): the JSON p99 of batch 64. Frozen, a full pass
+    sees only what was made since. After the alias moves, one full pass of that length frees the old model."""
     if again:  # the previous model's objects leave the frozen set, so that its cycles can be freed
         gc.unfreeze()
     gc.collect()  # garbage now is not frozen with the rest
