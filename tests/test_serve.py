@@ -456,7 +456,12 @@ def test_the_alias_moves_under_load_without_a_failed_request(served, monkeypatch
     second = mlflow.register_model(first.source, "mnist-cnn")  # the same classifier as a new version
     client.set_registered_model_alias("mnist-cnn", "champion", second.version)
     deadline = moved + 30
-    while not versions[-20:] == [str(second.version)] * 20 and time.monotonic() < deadline:
+    line = f"alias moved: models:/mnist-cnn/{second.version} now answers (was version 1)"
+    # Both workers switched (each says so once), then 20 answers in a row from the new version: 20 from the
+    # first worker to switch alone could come while the other still answers from the old one.
+    while time.monotonic() < deadline and not (
+        server.log.read_text().count(line) == 2 and versions[-20:] == [str(second.version)] * 20
+    ):
         time.sleep(0.1)
     took = time.monotonic() - moved
     done.set()
@@ -464,8 +469,7 @@ def test_the_alias_moves_under_load_without_a_failed_request(served, monkeypatch
         t.join()
     assert not failures, failures[:5]
     assert versions[0] == "1" and versions[-1] == str(second.version) and took < 10, (took, versions[-30:])
-    said = server.log.read_text().count(f"alias moved: models:/mnist-cnn/{second.version} now answers (was version 1)")
-    assert said == 2  # each worker says it once
+    assert server.log.read_text().count(line) == 2  # each worker says it once
 
 
 @pytest.mark.slow
