@@ -1,15 +1,18 @@
-"""Serving libraries compared for this model: LitServe and Ray Serve against `python -m pipeline.serve`, on 127.0.0.1.
+"""Serving libraries compared for this model: LitServe, Ray Serve and BentoML against `python -m pipeline.serve`,
+on 127.0.0.1.
 
-    python -m bench.serve_frameworks --python litserve=/work/venv-lit/bin/python ray=/work/venv-ray/bin/python
+    python -m bench.serve_frameworks --python litserve=VENV_LIT/bin/python ray=VENV_RAY/bin/python \
+        bento=VENV_BENTO/bin/python
 
 Each library serves the same `classifier` (loaded as pipeline.serve loads it: same precision, layout, one torch
-thread per worker, 2 workers), parses and answers with the same code (`from_body`, `to_batch`, `answer`) and
-batches with its own batcher (up to 64 requests, no wait), so the rows differ by the library's HTTP and
-batching path only. None of them is a requirement of this project: each runs under an interpreter of its own
-environment (`--python NAME=PATH`, e.g. a venv that adds the library to this one's packages); a library that
-its interpreter cannot import is skipped and said so. In `--rounds` interleaved rounds, 8 clients send JSON
-bodies of 1 and 64 images to each server in turn (tests/helpers/load.py), beside the ceiling (the network
-alone, 1 thread); each row keeps its best round. Writes bench/serve_frameworks.json.
+thread per worker, 2 workers), parses and answers with the same code (`from_body` or `to_batch`, `answer`) and
+batches with its own batcher (LitServe and Ray: up to 64 requests, no wait; BentoML: up to 256 images, its own
+adaptive wait), so the rows differ by the library's HTTP and batching path only. None of them is a requirement
+of this project: each runs under an interpreter of its own environment (`--python NAME=PATH`, e.g. a venv that
+adds the library to this one's packages); a library that its interpreter cannot import is skipped and said so.
+In `--rounds` interleaved rounds, 8 clients send JSON bodies of 1 and 64 images to each server in turn
+(tests/helpers/load.py), beside the ceiling (the network alone, 1 thread); each row keeps its best round.
+Writes bench/serve_frameworks.json.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from tests.helpers.servers import free_port, stop_group
 OUT = Path(__file__).with_name("serve_frameworks.json")
 WORKERS = 2  # processes that run the network, 1 torch thread each: the 2 cores divided as pipeline.serve does
 MAX_REQUESTS = 64  # per call of the network (the libraries batch requests, pipeline.serve images)
-HEALTH = {"litserve": "/health", "ray": "/-/healthz"}
+URI_ENV = "BENCH_SERVE_MODEL"  # the model URI, for BentoML's worker processes (they build the services themselves)
 
 
 def network(uri: str):
@@ -131,7 +134,58 @@ def run_ray(uri: str, port: int) -> None:
         time.sleep(3600)
 
 
-RUN = {"litserve": run_litserve, "ray": run_ray}
+try:  # as LitServe: only an environment of its own has it
+    bentoml = importlib.import_module("bentoml")
+except ImportError:
+    bentoml = None
+
+if bentoml is not None:  # at module level: BentoML's worker processes import the services by name
+    import numpy as np
+
+    QUIET = {"access": {"enabled": False}}  # no log line per request, as for the others
+
+    @bentoml.service(workers=WORKERS, resources={"cpu": "1"}, logging=QUIET, traffic={"max_concurrency": 256})
+    class BentoNetwork:
+        """The network as a BentoML service: its batchable API joins the arrays of concurrent calls."""
+
+        def __init__(self) -> None:
+            self.served = network(os.environ[URI_ENV])
+
+        @bentoml.api(batchable=True, max_batch_size=256, max_latency_ms=10_000)
+        def probabilities(self, x: np.ndarray) -> np.ndarray:
+            import torch
+
+            return self.served.probabilities(torch.from_numpy(x))[0]  # (N, 1, 28, 28) -> (N, 10)
+
+    @bentoml.service(workers=WORKERS, logging=QUIET, traffic={"max_concurrency": 256})
+    class BentoClassifier:
+        """MLflow's `{"inputs": ...}` in, its answer out (the typed API takes the key as its parameter); the
+        network is a service of its own, as BentoML composes a batched model with per-request code."""
+
+        model = bentoml.depends(BentoNetwork)
+
+        def __init__(self) -> None:
+            self.served = network(os.environ[URI_ENV])  # the class names, for the answer
+
+        @bentoml.api(route="/invocations")
+        async def invocations(self, inputs: list) -> dict:
+            from pipeline.serving.pyfunc import to_batch
+            from pipeline.serving.server import answer
+
+            probs = await self.model.to_async.probabilities(to_batch(np.asarray(inputs)).numpy())
+            return json.loads(answer(probs, self.served))  # it writes the dict it is given
+
+
+def run_bento(uri: str, port: int) -> None:
+    """BentoML: API server processes call the network's service processes, whose batchable API joins the calls."""
+    os.environ[URI_ENV] = uri
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")  # no usage report
+    BentoClassifier.serve_http(port=port, host="127.0.0.1")  # its processes run in the background
+    while True:  # until it is stopped, as Ray's
+        time.sleep(3600)
+
+
+RUN = {"litserve": run_litserve, "ray": run_ray, "bento": run_bento}
 
 
 @contextlib.contextmanager
@@ -164,7 +218,7 @@ def library_server(name: str, python: str, uri: str, log: Path, timeout: float =
 
 def importable(python: str, name: str) -> str | None:
     """None when `python` imports the library, else why not (one line)."""
-    module = {"ray": "ray.serve"}.get(name, name)  # a name of RUN
+    module = {"ray": "ray.serve", "bento": "bentoml"}.get(name, name)  # a name of RUN
     done = subprocess.run([python, "-c", f"import {module}"], capture_output=True, text=True)
     return None if done.returncode == 0 else (done.stderr.strip().splitlines() or ["failed"])[-1]
 
@@ -172,7 +226,7 @@ def importable(python: str, name: str) -> str | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="models:/mnist-cnn@champion")
-    parser.add_argument("--python", nargs="*", default=[], help="NAME=INTERPRETER for litserve and ray")
+    parser.add_argument("--python", nargs="*", default=[], help="NAME=INTERPRETER for litserve, ray and bento")
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--warmup", type=float, default=2)
     parser.add_argument("--rounds", type=int, default=2)

@@ -7,6 +7,7 @@ uvicorn, which MLflow brings: see docs/using-the-model.md, "The batching server"
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 
 import uvicorn
@@ -14,6 +15,7 @@ from mlflow.exceptions import MlflowException
 
 from pipeline.common.errors import PipelineError, run_stage
 from pipeline.serving.champion import resolve
+from pipeline.serving.connections import TimedHeadProtocol
 from pipeline.serving.settings import ServeSettings
 
 # Defaults measured with 8 clients, 2 workers on 2 shared cores (docs/performance.md, "The batching server"),
@@ -30,6 +32,10 @@ POLL_S = 10.0
 # it come over a link of 1 Mbit/s. A client trickling its body holds a socket and a coroutine until then,
 # not a worker: the others are served meanwhile (tests/test_serve.py).
 BODY_TIMEOUT_S = 10.0
+# A request's head (its request line and headers, well under a kilobyte here) must arrive whole within this many
+# seconds of the connection's opening (first request) or of its first byte (the next ones), or the client gets
+# 408 and the connection is closed: uvicorn itself times out only idle connections between requests.
+HEAD_TIMEOUT_S = 10.0
 
 
 def main() -> None:
@@ -45,12 +51,15 @@ def main() -> None:
     parser.add_argument(
         "--body-timeout-s", type=float, default=BODY_TIMEOUT_S, help="for a body to arrive whole (else 408)"
     )
+    parser.add_argument(
+        "--head-timeout-s", type=float, default=HEAD_TIMEOUT_S, help="for a request's head to arrive whole (else 408)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:  # checked here, before any worker starts
         settings = ServeSettings(
             args.model, args.workers, args.max_images, args.max_wait_ms, args.max_body_mb, args.poll_s,
-            args.body_timeout_s,
+            args.body_timeout_s, args.head_timeout_s,
         )  # fmt: skip
     except ValueError as e:
         parser.error(str(e))
@@ -68,6 +77,8 @@ def main() -> None:
         workers=args.workers,
         log_level="warning",  # no line per request; ours say what is served
         timeout_graceful_shutdown=10,
+        http=functools.partial(TimedHeadProtocol, head_timeout_s=settings.head_timeout_s),  # httptools, timed
+        access_log=False,  # the access log's arguments are built for every request even when it is not shown
     )
 
 

@@ -3,7 +3,9 @@
 Requests queue up while the network computes; the next call takes every request waiting (up to
 `max_images` images, whole requests only), waiting at most `max_wait_s` after the first for more
 to arrive, but only while requests come together (the last call held more than one): a lone
-client waits for nobody. A big batch runs in one thread of its own, so the event loop keeps
+client waits for nobody. The wait also ends once the call holds as many requests as can come
+(`expected`: the worker's open connections, each with at most one request in flight), so clients
+that are all in wait no longer. A big batch runs in one thread of its own, so the event loop keeps
 reading requests meanwhile; a small one runs in the loop's thread. The busier the server, the
 bigger its batches.
 """
@@ -48,8 +50,9 @@ class BatchLimits:
 class Batcher:
     """`await batcher.submit(x)` -> (probabilities of x's images, what answered); many callers, one network call."""
 
-    def __init__(self, run: Run, limits: BatchLimits) -> None:
+    def __init__(self, run: Run, limits: BatchLimits, expected: Callable[[], int] | None = None) -> None:
         self.run, self.limits = run, limits
+        self.expected = expected or (lambda: limits.max_images)  # how many requests can come at most
         self.queue: asyncio.Queue[tuple[torch.Tensor, asyncio.Future]] = asyncio.Queue()
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="network")  # one call at a time: the threads are torch's
         self.task: asyncio.Task | None = None
@@ -77,14 +80,17 @@ class Batcher:
         images, loop = len(items[0][0]), asyncio.get_running_loop()
         await asyncio.sleep(0)  # one turn of the event loop: requests already read join without waiting
         deadline = loop.time() + (self.limits.max_wait_s if self.together else 0)
-        while images < self.limits.max_images:
+        while images < self.limits.max_images and len(items) < self.expected():
             if self.queue.empty():
                 left = deadline - loop.time()
                 if left <= 0:
                     break
-                await asyncio.sleep(left)  # then take what came meanwhile
-                continue
-            item = self.queue.get_nowait()
+                try:
+                    item = await asyncio.wait_for(self.queue.get(), left)  # the next one, as soon as it comes
+                except TimeoutError:
+                    break
+            else:
+                item = self.queue.get_nowait()
             if images + len(item[0]) > self.limits.max_images:
                 self.held = item
                 break

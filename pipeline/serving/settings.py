@@ -22,6 +22,7 @@ class ServeSettings:
     max_body_mb: float  # bigger bodies are refused (413) before they are read
     poll_s: float  # between reads of the alias; 0: never
     body_timeout_s: float  # for a request's whole body to arrive after its head; later: 408, connection closed
+    head_timeout_s: float  # for a request's head to arrive whole (connections.py); later: 408, connection closed
 
     def __post_init__(self) -> None:
         checks = {
@@ -31,6 +32,7 @@ class ServeSettings:
             "max_body_mb": (self.max_body_mb > 0, "positive"),
             "poll_s": (self.poll_s >= 0, "0 (never) or more"),
             "body_timeout_s": (self.body_timeout_s > 0, "positive"),
+            "head_timeout_s": (self.head_timeout_s > 0, "positive"),
         }
         for key, (ok, expected) in checks.items():
             if not ok:

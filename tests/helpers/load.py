@@ -9,6 +9,7 @@ import http.client
 import io
 import json
 import os
+import resource
 import subprocess
 import sys
 import threading
@@ -195,11 +196,19 @@ def drive(
     return out, time.perf_counter() - start, rss
 
 
+def own_cpu_s() -> float:
+    """CPU seconds this process has used so far (user + system, all its threads: the clients)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def load(server: Server, batch: int, clients: int, seconds: float, warmup: float, kind: str = "json") -> dict:
     """Batches of `batch` images (JSON or .npy) from `clients` at once for `warmup` s, then measured for `seconds`."""
     drive(server, batch, clients, warmup, kind)  # first requests of a size grow the allocator's pools
     rss_start = server.rss_mb()
+    server_cpu, clients_cpu = server.cpu_s(), own_cpu_s()
     out, elapsed, rss = drive(server, batch, clients, seconds, kind)
+    server_cpu, clients_cpu = server.cpu_s() - server_cpu, own_cpu_s() - clients_cpu
     t, mb = np.array(rss).T
     slope = np.polyfit(t, mb, 1)[0] * 60 if len(t) > 2 else 0.0  # MB per minute: a leak shows as a steady rise
     lat = np.array(out["latencies"]) * 1000  # ms
@@ -215,6 +224,9 @@ def load(server: Server, batch: int, clients: int, seconds: float, warmup: float
         "p50_ms": round(float(np.percentile(lat, 50)), 1) if n else None,
         "p99_ms": round(float(np.percentile(lat, 99)), 1) if n else None,
         "max_ms": round(float(lat.max()), 1) if n else None,
+        # CPU per request, milliseconds: where a request's cost lies when clients and server share the cores.
+        "server_cpu_ms_per_request": round(1000 * server_cpu / n, 3) if n else None,
+        "clients_cpu_ms_per_request": round(1000 * clients_cpu / n, 3) if n else None,
         "errors": len(out["errors"]),
         "error_examples": out["errors"][:5],
         "rss_start_mb": round(rss_start),
