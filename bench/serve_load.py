@@ -26,7 +26,10 @@ import itertools
 import json
 import os
 import re
+import resource
 import shlex
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +42,7 @@ import numpy as np
 from bench.benchmark import cpu_model
 from pipeline.common.system import cores
 from pipeline.core.runtime import cpu_has_native_bf16
-from tests.helpers.load import CONTENT_TYPES, bodies, load, serve
+from tests.helpers.load import CONTENT_TYPES, Server, bodies, load, request, serve
 
 OUT = Path(__file__).with_name("serve_results.json")
 # oneDNN's, MKL's and ATen's caps on the instruction set, with fp32: how a CPU without native bf16 is emulated here.
@@ -116,6 +119,59 @@ def in_process(model_uri: str, workers: list[int], seconds: float) -> dict[str, 
     return {**ceilings, "pyfunc": pyfunc, "invocations": invocations}
 
 
+# wrk's script: every request the same POST, and at the end one JSON line of what wrk measured (microseconds).
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "%(content_type)s"
+local f = assert(io.open("%(body)s", "rb")); wrk.body = f:read("*a"); f:close()
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('{"requests": %%d, "duration_us": %%d, "p50_us": %%d, "p99_us": %%d, "max_us": %%d, '
+    .. '"errors": %%d}\\n', summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    latency.max, e.connect + e.read + e.write + e.timeout + e.status))
+end
+"""
+
+
+def wrk_load(server: Server, batch: int, clients: int, seconds: float, warmup: float, kind: str, tmp: Path) -> dict:
+    """As tests/helpers/load.load, with wrk (a C load generator: one thread, `clients` kept-alive connections)
+    sending the requests instead of Python threads, so the clients take little of the shared cores."""
+    body, content_type = bodies(batch, kind=kind)[0], CONTENT_TYPES[kind]
+    status, answer = request(server, body, content_type)  # wrk counts statuses; the answer is checked here
+    assert status == 200 and len(json.loads(answer)["predictions"]) == batch, answer[:200]
+    (tmp / "body").write_bytes(body)
+    script = tmp / "wrk.lua"
+    script.write_text(WRK_SCRIPT % {"content_type": content_type, "body": tmp / "body"})
+    url = server.url + "/invocations"
+
+    def run(s: float) -> tuple[dict, list[float]]:
+        cmd = ["wrk", "-t1", f"-c{clients}", f"-d{s:g}s", "--timeout", "60s", "-s", str(script), url]
+        proc, rss = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True), []
+        while proc.poll() is None:  # the server's memory during the run
+            rss.append(server.rss_mb())
+            time.sleep(0.25)
+        return json.loads(proc.stdout.read().strip().splitlines()[-1]), rss
+
+    run(warmup)
+    server_cpu, wrk_cpu = server.cpu_s(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    rss_start = server.rss_mb()
+    out, rss = run(seconds)
+    server_cpu, after = server.cpu_s() - server_cpu, resource.getrusage(resource.RUSAGE_CHILDREN)
+    clients_cpu = after.ru_utime + after.ru_stime - wrk_cpu.ru_utime - wrk_cpu.ru_stime
+    n, elapsed = out["requests"], out["duration_us"] / 1e6
+    mb = np.array(rss)
+    return {"batch": batch, "body": kind, "clients": clients, "seconds": round(elapsed, 2), "requests": n,
+            "images_per_s": round(n * batch / elapsed, 1), "requests_per_s": round(n / elapsed, 1),
+            "p50_ms": round(out["p50_us"] / 1000, 1), "p99_ms": round(out["p99_us"] / 1000, 1),
+            "max_ms": round(out["max_us"] / 1000, 1),
+            "server_cpu_ms_per_request": round(1000 * server_cpu / n, 3) if n else None,
+            "clients_cpu_ms_per_request": round(1000 * clients_cpu / n, 3) if n else None,
+            "errors": out["errors"], "error_examples": [], "rss_start_mb": round(rss_start),
+            "rss_end_mb": round(server.rss_mb()), "rss_max_mb": round(mb.max()),
+            "rss_trend_mb_per_min": round(float(np.polyfit(np.arange(len(mb)) * 0.25, mb, 1)[0] * 60), 1)
+            if len(mb) > 2 else 0.0}  # fmt: skip
+
+
 def best_of(rounds: list[dict]) -> dict:
     """The round with the most images/s, with how many rounds there were and their spread."""
     best = max(rounds, key=lambda r: r["images_per_s"])
@@ -179,8 +235,17 @@ def main() -> None:
     )
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64], help="images per request")
+    parser.add_argument(
+        "--drivers",
+        nargs="+",
+        choices=["python", "wrk"],
+        default=["python"],
+        help="who sends the requests: Python threads (http.client), and/or wrk (a C load generator, if installed)",
+    )
     parser.add_argument("--out", type=Path, default=OUT, help="results file")
     args = parser.parse_args()
+    if "wrk" in args.drivers and not shutil.which("wrk"):
+        parser.error("--drivers wrk needs wrk on PATH (Debian: apt-get install wrk)")
     model = describe(args.model)
     load_before = os.getloadavg()[0]  # other work on the machine moves these numbers: recorded with them
     steps = in_process(args.model, args.workers + args.batching_workers, seconds=min(args.seconds, 5))
@@ -216,8 +281,12 @@ def main() -> None:
             for batch in args.batches:
                 for step, measure in steps.items():
                     runs.setdefault((step, batch), []).append(measure(batch))
-                for name, (server, _, kind) in servers.items():
-                    result = load(server, batch, args.clients, args.seconds, args.warmup, kind)
+                for (name, (server, _, kind)), driver in itertools.product(servers.items(), args.drivers):
+                    if driver == "wrk":
+                        result = wrk_load(server, batch, args.clients, args.seconds, args.warmup, kind, Path(tmp))
+                        name = f"{name} (wrk)"
+                    else:
+                        result = load(server, batch, args.clients, args.seconds, args.warmup, kind)
                     runs.setdefault((name, batch), []).append({"row": name, **result})
                 print(f"round {r + 1} of {args.rounds}, batch {batch} done", file=sys.stderr)
     results = [best_of(rounds) for rounds in runs.values()]  # batch by batch, in the order measured

@@ -236,10 +236,11 @@ class Server:
         s = self.settings
         log.info(
             "serving %s (from %s) in %s, %d torch thread(s) (%d cores / %d worker(s)); batches of up to %d images, "
-            "waiting up to %g ms; bodies up to %g MB, whole within %g s; heads whole within %g s; %s",
+            "waiting up to %g ms; bodies up to %g MB, whole within %g s; heads whole within %g s; %s; %s's event loop",
             self.served.uri, s.model, self.served.inference.describe(), torch.get_num_threads(), cores(), s.workers,
             s.max_images, s.max_wait_ms, s.max_body_mb, s.body_timeout_s, s.head_timeout_s,
             f"the alias is read every {s.poll_s:g} s" if self.watch.active and s.poll_s else "no alias followed",
+            type(asyncio.get_running_loop()).__module__.split(".")[0],  # uvloop or asyncio
         )  # fmt: skip
         freeze()
         self.batcher.start()
