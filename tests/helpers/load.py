@@ -156,7 +156,7 @@ def bodies(batch: int, seed: int = 0, kind: str = "json") -> list[bytes]:
 def client(server: Server, batch: int, payloads: list[bytes], until: float, out: dict, kind: str = "json") -> None:
     """Send requests back to back until `until`; append latencies (s) and errors to `out`."""
     conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
-    i = 0
+    i, mine = 0, []
     while time.perf_counter() < until:
         start = time.perf_counter()
         try:
@@ -165,13 +165,15 @@ def client(server: Server, batch: int, payloads: list[bytes], until: float, out:
                 raise ValueError(f"HTTP {status}: {data[:200]!r}")
             if len(json.loads(data)["predictions"]) != batch:
                 raise ValueError(f"not {batch} predictions: {data[:200]!r}")
-            out["latencies"].append(time.perf_counter() - start)
+            mine.append(time.perf_counter() - start)
         except (OSError, ValueError, KeyError, http.client.HTTPException) as e:
             out["errors"].append(f"{type(e).__name__}: {e}")
             conn.close()
             conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
         i += 1
     conn.close()
+    out["latencies"] += mine
+    out["by_client"].append(mine)  # one connection's: with several workers, each connection stays with one
 
 
 def drive(
@@ -179,7 +181,7 @@ def drive(
 ) -> tuple[dict, float, list[tuple[float, float]]]:
     """`clients` threads sending batches for `seconds`: ({latencies, errors}, elapsed s, [(s, server RSS MB)])."""
     payloads = bodies(batch, kind=kind)
-    out: dict = {"latencies": [], "errors": []}
+    out: dict = {"latencies": [], "errors": [], "by_client": []}
     start = time.perf_counter()
     until = start + seconds
     threads = [
@@ -224,6 +226,8 @@ def load(server: Server, batch: int, clients: int, seconds: float, warmup: float
         "p50_ms": round(float(np.percentile(lat, 50)), 1) if n else None,
         "p99_ms": round(float(np.percentile(lat, 99)), 1) if n else None,
         "max_ms": round(float(lat.max()), 1) if n else None,
+        # Each client's (connection's) own p50, slowest first: a worker with more connections shows as a group.
+        "p50_ms_by_client": sorted((round(1000 * float(np.median(c)), 1) for c in out["by_client"] if c), reverse=True),
         # CPU per request, milliseconds: where a request's cost lies when clients and server share the cores.
         "server_cpu_ms_per_request": round(1000 * server_cpu / n, 3) if n else None,
         "clients_cpu_ms_per_request": round(1000 * clients_cpu / n, 3) if n else None,
