@@ -36,6 +36,12 @@ BODY_TIMEOUT_S = 10.0
 # seconds of the connection's opening (first request) or of its first byte (the next ones), or the client gets
 # 408 and the connection is closed: uvicorn itself times out only idle connections between requests.
 HEAD_TIMEOUT_S = 10.0
+# With several workers, a kept-alive connection may be answered this many times, then closed (`connection: close`),
+# so that the client reconnects to whichever worker accepts first and an uneven split of clients between workers
+# evens out. Off by default: at 100, 8 clients on 2 workers (2 cores, bf16) got 8-57% more one-image requests/s
+# in 4 rows of 4 but 7-55% fewer images/s in batches of 64 in 4 of 4, in rounds that moved by up to 2.3x
+# (docs/performance.md, "The split of connections"). Behind a proxy that keeps a few connections open, try it.
+REQUESTS_PER_CONNECTION = 0
 
 
 def main() -> None:
@@ -54,12 +60,18 @@ def main() -> None:
     parser.add_argument(
         "--head-timeout-s", type=float, default=HEAD_TIMEOUT_S, help="for a request's head to arrive whole (else 408)"
     )
+    parser.add_argument(
+        "--requests-per-connection",
+        type=int,
+        default=REQUESTS_PER_CONNECTION,
+        help="with several workers, answers on a connection before it is closed, so clients spread (0: no limit)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:  # checked here, before any worker starts
         settings = ServeSettings(
             args.model, args.workers, args.max_images, args.max_wait_ms, args.max_body_mb, args.poll_s,
-            args.body_timeout_s, args.head_timeout_s,
+            args.body_timeout_s, args.head_timeout_s, args.requests_per_connection,
         )  # fmt: skip
     except ValueError as e:
         parser.error(str(e))
@@ -77,7 +89,11 @@ def main() -> None:
         workers=args.workers,
         log_level="warning",  # no line per request; ours say what is served
         timeout_graceful_shutdown=10,
-        http=functools.partial(TimedHeadProtocol, head_timeout_s=settings.head_timeout_s),  # httptools, timed
+        http=functools.partial(  # httptools, timed, connections moved between workers
+            TimedHeadProtocol,
+            head_timeout_s=settings.head_timeout_s,
+            requests_per_connection=settings.requests_per_connection if settings.workers > 1 else 0,
+        ),
         access_log=False,  # the access log's arguments are built for every request even when it is not shown
     )
 

@@ -40,6 +40,7 @@ CHAMPION = "models:/mnist-cnn@champion"
 POLL_S = 0.5
 BODY_TIMEOUT_S = 2.0
 HEAD_TIMEOUT_S = 2.0
+REQUESTS_PER_CONNECTION = 50  # the served fixture's: its clients reconnect now and then, as a proxy's would
 
 
 def images(n: int = 5, seed: int = 0) -> np.ndarray:
@@ -116,6 +117,8 @@ def test_settings_are_checked_with_their_names() -> None:
         ServeSettings(CHAMPION, 1, 64, 0, 16, 10, 0, 10)
     with pytest.raises(ValueError, match="--head-timeout-s must be positive, got -1"):
         ServeSettings(CHAMPION, 1, 64, 0, 16, 10, 10, -1)
+    with pytest.raises(ValueError, match=r"--requests-per-connection must be 0 \(no limit\) or more, got -1"):
+        ServeSettings(CHAMPION, 1, 64, 0, 16, 10, 10, 10, -1)
 
 
 def test_concurrent_requests_become_one_call_within_the_cap() -> None:
@@ -259,7 +262,7 @@ def served(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     shutil.copy(trained / "mlflow.db", registry)  # the artifacts stay where the runs wrote them (absolute URIs)
     port, log = free_port(), root / "serve.log"
     settings = ["--poll-s", str(POLL_S), "--max-body-mb", "4", "--body-timeout-s", str(BODY_TIMEOUT_S)]
-    settings += ["--head-timeout-s", str(HEAD_TIMEOUT_S)]
+    settings += ["--head-timeout-s", str(HEAD_TIMEOUT_S), "--requests-per-connection", str(REQUESTS_PER_CONNECTION)]
     proc = start(registry, log, "--workers", "2", "--port", str(port), *settings)
     server = Server(f"http://127.0.0.1:{port}", "127.0.0.1", port, proc, log)
     try:
@@ -301,6 +304,24 @@ def test_the_server_answers_every_body_as_the_classifier_does_in_process(served,
     for path, body in [("/ping", "\n"), ("/health", "\n"), ("/version", mlflow.__version__)]:  # as MLflow answers
         status, text = request(server, b"", method="GET", path=path)
         assert status == 200 and text.decode() == body
+
+
+@pytest.mark.slow
+def test_a_kept_alive_connection_is_closed_after_its_share_of_answers_so_that_clients_spread(served) -> None:
+    import http.client
+
+    server, _ = served
+    body = json.dumps({"inputs": images(1).tolist()}).encode()
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=30)  # reconnects by itself once closed
+    closed = []
+    for _ in range(2 * REQUESTS_PER_CONNECTION):
+        conn.request("POST", "/invocations", body=body, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200 and len(json.loads(response.read())["predictions"]) == 1
+        closed.append(response.getheader("connection") == "close")
+    conn.close()
+    n = REQUESTS_PER_CONNECTION
+    assert [i + 1 for i, c in enumerate(closed) if c] == [n, 2 * n]  # the n-th answer of each connection
 
 
 @pytest.mark.slow

@@ -7,6 +7,12 @@ client that trickles its headers (or opens a connection and sends nothing) would
 a parser forever. Here the head must be whole within `head_timeout_s`: of the connection's opening
 for its first request, of the request's first byte for the next ones; else 408 and the connection
 is closed. The body has its own deadline (`Server.read`).
+
+With several workers, a kept-alive connection stays with the worker that accepted it, and which one
+accepts is a race: 8 clients were split 6 and 2 in one run, and the worker with 6 answered each of
+its clients 4 times slower (docs/performance.md). With `requests_per_connection` set, a connection's
+answer of that count says `connection: close`: the client reconnects, and the new connection goes
+to the worker that accepts first, more often the one with less to do.
 """
 
 from __future__ import annotations
@@ -27,10 +33,12 @@ def open_connections() -> int:
 class TimedHeadProtocol(HttpToolsProtocol):
     """uvicorn's HTTP/1.1 protocol (httptools) with a deadline on the request head."""
 
-    def __init__(self, *args, head_timeout_s: float, **kwargs) -> None:
+    def __init__(self, *args, head_timeout_s: float, requests_per_connection: int = 0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.head_timeout_s = head_timeout_s
         self.head_deadline: asyncio.TimerHandle | None = None
+        self.requests_per_connection = requests_per_connection  # 0: no limit
+        self.requests = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -44,6 +52,9 @@ class TimedHeadProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self.disarm()
         super().on_headers_complete()
+        self.requests += 1
+        if self.requests_per_connection and self.requests >= self.requests_per_connection and self.cycle is not None:
+            self.cycle.keep_alive = False  # uvicorn answers with `connection: close`, then closes the connection
 
     def connection_lost(self, exc: Exception | None) -> None:
         OPEN.discard(self)

@@ -23,6 +23,7 @@ class ServeSettings:
     poll_s: float  # between reads of the alias; 0: never
     body_timeout_s: float  # for a request's whole body to arrive after its head; later: 408, connection closed
     head_timeout_s: float  # for a request's head to arrive whole (connections.py); later: 408, connection closed
+    requests_per_connection: int = 0  # then the answer says `connection: close` (connections.py); 0: never
 
     def __post_init__(self) -> None:
         checks = {
@@ -33,6 +34,7 @@ class ServeSettings:
             "poll_s": (self.poll_s >= 0, "0 (never) or more"),
             "body_timeout_s": (self.body_timeout_s > 0, "positive"),
             "head_timeout_s": (self.head_timeout_s > 0, "positive"),
+            "requests_per_connection": (self.requests_per_connection >= 0, "0 (no limit) or more"),
         }
         for key, (ok, expected) in checks.items():
             if not ok:
