@@ -20,6 +20,7 @@ ARCHS = ("tutorial", "fast", "wide")
 PRECISIONS = ("auto", "fp32", "bf16")
 SCHEDULES = ("constant", "onecycle")
 MAX_SHIFT = 8  # pixels: a digit spans about 20 of the 28 (also the most elastic displacement)
+MAX_ERASE = 28  # pixels: the side of an erased square, at most the whole image
 MAX_ROTATE = 180  # degrees either way: every angle
 
 
@@ -99,6 +100,8 @@ class TrainConfig:
     rotate: float = 0.0  # augmentation: turned by up to this many degrees either way (0: none)
     scale: float = 0.0  # augmentation: zoomed by a factor in [1 - scale, 1 + scale] (0: none)
     elastic: float = 0.0  # augmentation: bent by a smooth random field of up to about this many pixels (0: none)
+    flip: bool = False  # augmentation: half the training images mirrored left to right
+    erase: int = 0  # augmentation: a random square of up to this many pixels a side zeroed in each image (0: none)
     ema: float = 0.0  # decay of an exponential moving average of the weights, validated and saved (0: none)
     nproc: int = 1  # training processes on this machine (data-parallel through torchrun when > 1)
     nnodes: int = 1  # machines taking part
@@ -121,6 +124,9 @@ class TrainConfig:
         check(0 <= self.scale < 1, "train.scale", "a fraction in [0, 1) (the zoom factor stays positive)", self.scale)
         ok = 0 <= self.elastic <= MAX_SHIFT
         check(ok, "train.elastic", f"a number of pixels in [0, {MAX_SHIFT}]", self.elastic)
+        check(isinstance(self.flip, bool), "train.flip", "true or false", self.flip)
+        ok = isinstance(self.erase, int) and not isinstance(self.erase, bool) and 0 <= self.erase <= MAX_ERASE
+        check(ok, "train.erase", f"an integer number of pixels in [0, {MAX_ERASE}]", self.erase)
         check(0 <= self.ema < 1, "train.ema", "a decay in [0, 1) (0: no weight averaging)", self.ema)
         check(self.nproc >= 1, "train.nproc", "an integer >= 1", self.nproc)
         check(self.nnodes >= 1, "train.nnodes", "an integer >= 1", self.nnodes)

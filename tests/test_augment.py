@@ -145,6 +145,72 @@ def test_one_grid_sample_per_batch_whatever_its_size(n, monkeypatch) -> None:
     assert calls == {"affine_grid": 1, "grid_sample": 1, "interpolate": 1}
 
 
+def letter_l() -> torch.Tensor:
+    """A (1, 1, 28, 28) image unlike its mirror: an L, a bar down the left and a foot to the right."""
+    x = torch.zeros(1, 1, 28, 28, dtype=torch.uint8)
+    x[0, 0, 6:22, 8:11] = 200
+    x[0, 0, 19:22, 8:20] = 255
+    return x
+
+
+@pytest.mark.parametrize("aug", [Augment(flip=True), Augment(shift=1, flip=True), Augment(rotate=5.0, flip=True)])
+def test_flip_mirrors_exactly_the_drawn_images_and_keeps_labels(aug) -> None:
+    x = letter_l().expand(64, 1, 28, 28).clone()
+    step = StepConfig(batch_size=64, augment=aug)
+    out, idx = engine.batch_of(x, torch.arange(64), step, torch.Generator().manual_seed(0))
+    again, _ = engine.batch_of(x, torch.arange(64), step, torch.Generator().manual_seed(0))
+    assert torch.equal(idx, torch.arange(64)) and torch.equal(out, again)
+    # The L's foot points right; a mirrored one's points left: its mass sits right or left of its bar.
+    col = (out.float().sum((1, 2)) * torch.arange(28.0)).sum(1) / out.float().sum((1, 2, 3))
+    mirrored = col > 13.5
+    assert 16 <= mirrored.sum() <= 48  # about half of 64
+    if aug == Augment(flip=True):  # whole pixels: the mirror exactly, the rest untouched
+        assert torch.equal(out[mirrored], x[mirrored].flip(3)) and torch.equal(out[~mirrored], x[~mirrored])
+
+
+def test_a_flip_sign_mirrors_the_warp_exactly() -> None:
+    rows = torch.tensor([[0.0, 0.0, 0.0, 1.0, -1.0], [0.0, 0.0, 0.0, 1.0, 1.0]])  # dy, dx, angle, zoom, flip
+    x = letter_l().expand(2, 1, 28, 28)
+    out = augment.warped(x, rows, Augment(scale=0.1, flip=True))
+    assert torch.allclose(out[0], x[0].flip(2).float(), atol=1e-3)
+    assert torch.allclose(out[1], x[1].float(), atol=1e-3)
+
+
+def test_erase_zeroes_one_square_of_the_drawn_side() -> None:
+    x = torch.full((3, 1, 28, 28), 255, dtype=torch.uint8)
+    boxes = torch.tensor([[6.0, 0.5, 0.5], [4.0, 0.0, 0.99], [0.0, 0.3, 0.3]])  # side, centre row, column
+    out = augment.erased(x, boxes)
+    assert out.dtype == torch.uint8
+    assert torch.equal(out[0, 0, 11:17, 11:17], torch.zeros(6, 6, dtype=torch.uint8)) and (out[0] == 0).sum() == 36
+    assert torch.equal(out[1, 0, :2, 25:], torch.zeros(2, 3, dtype=torch.uint8)) and (out[1] == 0).sum() == 6  # cut
+    assert torch.equal(out[2], x[2])
+    d = Augment(erase=8).draw_erase(4096, torch.Generator().manual_seed(0))
+    assert set(d[:, 0].unique().tolist()) == set(range(9)) and 0 <= d[:, 1:].min() and d[:, 1:].max() < 1
+
+
+def test_erase_in_a_batch_is_seeded_and_labels_stay() -> None:
+    aug = Augment(shift=1, flip=True, erase=10)
+    (xa, ia), (xb, _), (xc, _) = batch(aug, 1), batch(aug, 1), batch(aug, 2)
+    assert xa.dtype == torch.uint8 and torch.equal(xa, xb) and not torch.equal(xa, xc)
+    assert torch.equal(ia, torch.arange(64))
+    plain, _ = batch(Augment(shift=1, flip=True), 1)
+    assert torch.equal(xa <= plain, torch.ones_like(xa, dtype=torch.bool)) and not torch.equal(xa, plain)
+
+
+def test_flip_and_erase_cost_no_python_per_image(monkeypatch) -> None:
+    calls = {"flipped": 0, "erased": 0}
+    for name in calls:
+        real = getattr(augment, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(augment, name, counted)
+    batch(Augment(shift=1, flip=True, erase=8), seed=0, n=256)
+    assert calls == {"flipped": 1, "erased": 1}
+
+
 def tiny_fit(cfg: TrainConfig, resume: dict | None = None, states: list | None = None) -> list[torch.Tensor]:
     """fit the fast network on 256 synthetic images; the final weights (and each epoch's state)."""
     x, y = images(256, seed=1), torch.randint(0, 10, (256,), generator=torch.Generator().manual_seed(2))
@@ -165,6 +231,7 @@ def test_training_with_augmentation_is_seeded_and_resumes_identically() -> None:
     a, b = tiny_fit(cfg, states=states), tiny_fit(cfg)
     assert equal(a, b)
     assert not equal(a, tiny_fit(dataclasses.replace(cfg, rotate=0.0, elastic=0.0)))
+    assert not equal(a, tiny_fit(dataclasses.replace(cfg, flip=True)))
     assert not equal(a, tiny_fit(dataclasses.replace(cfg, seed=1)))
     assert len(states[0]["history"]) == 1
     assert equal(a, tiny_fit(cfg, resume=states[0]))  # the second epoch again, from the first's state
@@ -178,6 +245,9 @@ def test_training_with_augmentation_is_seeded_and_resumes_identically() -> None:
         ("scale", 1.0, "train.scale must be a fraction in [0, 1) (the zoom factor stays positive), got 1.0"),
         ("elastic", float("nan"), "train.elastic must be a number of pixels in [0, 8], got nan"),
         ("elastic", 9.0, "train.elastic must be a number of pixels in [0, 8], got 9.0"),
+        ("flip", 1, "train.flip must be true or false, got 1"),
+        ("erase", 29, "train.erase must be an integer number of pixels in [0, 28], got 29"),
+        ("erase", 2.5, "train.erase must be an integer number of pixels in [0, 28], got 2.5"),
     ],
 )
 def test_bad_augmentation_params_name_the_key(key, value, message) -> None:

@@ -90,21 +90,34 @@ class Training:
 def batch_of(images: torch.Tensor, idx: torch.Tensor, step: StepConfig, generator: torch.Generator) -> tuple:
     """This rank's share of the global batch `idx`: (x, idx), x (B / world, 1, 28, 28) augmented as
     `step.augment` says with numbers drawn from `generator` (nothing drawn without augmentation):
-    uint8 when at most shifted, float32 when warped (augment.warped)."""
+    uint8 when at most shifted, mirrored or erased, float32 when warped (augment.warped)."""
     aug = step.augment
-    if aug.warps:
-        # Drawn for the global batch, then sharded with it: equal on any world size.
-        draws = aug.draw(len(idx), generator).to(images.device)
-        idx, draws = distributed.shard(idx, step.world), distributed.shard(draws, step.world)
-        return augment.warped(images[idx], draws, aug), idx
-    if not aug.shift:
+    if not aug.on:
         idx = distributed.shard(idx, step.world)
         return images[idx], idx
-    # Offsets drawn for the global batch, then sharded with it: equal on any world size.
-    offsets = torch.randint(-aug.shift, aug.shift + 1, (len(idx), 2), generator=generator).to(images.device)
-    part = distributed.shard(torch.cat([idx[:, None], offsets], 1), step.world)  # (B / world, 3)
-    idx, offsets = part[:, 0], part[:, 1:]
-    return shifted(images[idx], offsets, aug.shift), idx
+    # Drawn for the global batch, then sharded with it: equal on any world size.
+    n = len(idx)
+    if aug.warps:
+        draws = aug.draw(n, generator)  # (n, columns): the shift, angle, zoom, field and flip sign
+    else:
+        offsets = torch.zeros(n, 2, dtype=torch.long)
+        if aug.shift:
+            offsets = torch.randint(-aug.shift, aug.shift + 1, (n, 2), generator=generator)
+        draws = torch.cat([offsets, aug.draw_flips(n, generator)[:, None].long()], 1)  # (n, 3): dy, dx, flip
+    boxes = aug.draw_erase(n, generator)  # (n, 3)
+    idx = distributed.shard(idx, step.world)
+    draws, boxes = (distributed.shard(t.to(images.device), step.world) for t in (draws, boxes))
+    if aug.warps:
+        x = augment.warped(images[idx], draws, aug)
+    else:
+        x = images[idx]
+        if aug.flip:
+            x = augment.flipped(x, draws[:, 2].bool())
+        if aug.shift:
+            x = shifted(x, draws[:, :2], aug.shift)
+    if aug.erase:
+        x = augment.erased(x, boxes)
+    return x, idx
 
 
 def train_one_epoch(

@@ -30,7 +30,7 @@ class StepConfig:
     @classmethod
     def of(cls, cfg: TrainConfig, device: torch.device, world: World = ALONE) -> StepConfig:
         autocast = autocast_dtype(cfg.precision, device)
-        augment = Augment(cfg.shift, cfg.rotate, cfg.scale, cfg.elastic)
+        augment = Augment(cfg.shift, cfg.rotate, cfg.scale, cfg.elastic, cfg.flip, cfg.erase)
         return cls(cfg.batch_size, autocast, cfg.label_smoothing, augment, world)
 
     @property
