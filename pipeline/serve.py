@@ -36,12 +36,13 @@ BODY_TIMEOUT_S = 10.0
 # seconds of the connection's opening (first request) or of its first byte (the next ones), or the client gets
 # 408 and the connection is closed: uvicorn itself times out only idle connections between requests.
 HEAD_TIMEOUT_S = 10.0
-# With several workers, a kept-alive connection may be answered this many times, then closed (`connection: close`),
+# With several workers, a kept-alive connection is answered this many times, then closed (`connection: close`),
 # so that the client reconnects to whichever worker accepts first and an uneven split of clients between workers
-# evens out. Off by default: at 100, 8 clients on 2 workers (2 cores, bf16) got 8-57% more one-image requests/s
-# in 4 rows of 4 but 7-55% fewer images/s in batches of 64 in 4 of 4, in rounds that moved by up to 2.3x
-# (docs/performance.md, "The split of connections"). Behind a proxy that keeps a few connections open, try it.
-REQUESTS_PER_CONNECTION = 0
+# (6 and 2 of 8 was seen) evens out. Measured against no limit, 8 clients on 2 workers (2 cores, bf16): one-image
+# requests 1.08-1.57x the images/s in 4 rows of 4; batches of 64, 3 rounds of 8 s: 0.99-2.31x, p99/p50 2.2-2.7
+# against 1.4-6.3 (a first run of 2 rounds of 5 s had them lower, in rounds that moved 2.3x): docs/performance.md,
+# "The split of connections". nginx's `keepalive_requests` closes its own connections after 1,000 for this reason.
+REQUESTS_PER_CONNECTION = 100
 
 
 def main() -> None:
