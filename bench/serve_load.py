@@ -42,7 +42,7 @@ import numpy as np
 from bench.benchmark import cpu_model
 from pipeline.common.system import cores
 from pipeline.core.runtime import cpu_has_native_bf16
-from tests.helpers.load import CONTENT_TYPES, Server, bodies, load, request, serve
+from tests.helpers.load import CONTENT_TYPES, Server, bodies, load, request, result_row, serve
 
 OUT = Path(__file__).with_name("serve_results.json")
 # oneDNN's, MKL's and ATen's caps on the instruction set, with fp32: how a CPU without native bf16 is emulated here.
@@ -144,11 +144,11 @@ def wrk_load(server: Server, batch: int, clients: int, seconds: float, warmup: f
     script.write_text(WRK_SCRIPT % {"content_type": content_type, "body": tmp / "body"})
     url = server.url + "/invocations"
 
-    def run(s: float) -> tuple[dict, list[float]]:
+    def run(s: float) -> tuple[dict, list[tuple[float, float]]]:
         cmd = ["wrk", "-t1", f"-c{clients}", f"-d{s:g}s", "--timeout", "60s", "-s", str(script), url]
-        proc, rss = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True), []
+        proc, rss, start = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True), [], time.perf_counter()
         while proc.poll() is None:  # the server's memory during the run
-            rss.append(server.rss_mb())
+            rss.append((time.perf_counter() - start, server.rss_mb()))
             time.sleep(0.25)
         return json.loads(proc.stdout.read().strip().splitlines()[-1]), rss
 
@@ -158,18 +158,9 @@ def wrk_load(server: Server, batch: int, clients: int, seconds: float, warmup: f
     out, rss = run(seconds)
     server_cpu, after = server.cpu_s() - server_cpu, resource.getrusage(resource.RUSAGE_CHILDREN)
     clients_cpu = after.ru_utime + after.ru_stime - wrk_cpu.ru_utime - wrk_cpu.ru_stime
-    n, elapsed = out["requests"], out["duration_us"] / 1e6
-    mb = np.array(rss)
-    return {"batch": batch, "body": kind, "clients": clients, "seconds": round(elapsed, 2), "requests": n,
-            "images_per_s": round(n * batch / elapsed, 1), "requests_per_s": round(n / elapsed, 1),
-            "p50_ms": round(out["p50_us"] / 1000, 1), "p99_ms": round(out["p99_us"] / 1000, 1),
-            "max_ms": round(out["max_us"] / 1000, 1),
-            "server_cpu_ms_per_request": round(1000 * server_cpu / n, 3) if n else None,
-            "clients_cpu_ms_per_request": round(1000 * clients_cpu / n, 3) if n else None,
-            "errors": out["errors"], "error_examples": [], "rss_start_mb": round(rss_start),
-            "rss_end_mb": round(server.rss_mb()), "rss_max_mb": round(mb.max()),
-            "rss_trend_mb_per_min": round(float(np.polyfit(np.arange(len(mb)) * 0.25, mb, 1)[0] * 60), 1)
-            if len(mb) > 2 else 0.0}  # fmt: skip
+    latency_ms = tuple(round(out[k] / 1000, 1) for k in ("p50_us", "p99_us", "max_us"))
+    return result_row(server, batch, kind, clients, out["duration_us"] / 1e6, out["requests"], latency_ms,
+                      (server_cpu, clients_cpu), out["errors"], rss or [(0.0, rss_start)], rss_start)  # fmt: skip
 
 
 def best_of(rounds: list[dict]) -> dict:

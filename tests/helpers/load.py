@@ -211,10 +211,39 @@ def load(server: Server, batch: int, clients: int, seconds: float, warmup: float
     server_cpu, clients_cpu = server.cpu_s(), own_cpu_s()
     out, elapsed, rss = drive(server, batch, clients, seconds, kind)
     server_cpu, clients_cpu = server.cpu_s() - server_cpu, own_cpu_s() - clients_cpu
-    t, mb = np.array(rss).T
-    slope = np.polyfit(t, mb, 1)[0] * 60 if len(t) > 2 else 0.0  # MB per minute: a leak shows as a steady rise
     lat = np.array(out["latencies"]) * 1000  # ms
     n = len(lat)
+    return result_row(
+        server, batch, kind, clients, elapsed, n,
+        latency_ms=tuple(round(float(x), 1) for x in (*np.percentile(lat, [50, 99]), lat.max())) if n else None,
+        cpu_s=(server_cpu, clients_cpu), errors=out["errors"], rss=rss, rss_start=rss_start,
+        # Each client's (connection's) own p50, slowest first: a worker with more connections shows as a group.
+        p50_ms_by_client=sorted((round(1000 * float(np.median(c)), 1) for c in out["by_client"] if c), reverse=True),
+    )  # fmt: skip
+
+
+def result_row(
+    server: Server,
+    batch: int,
+    kind: str,
+    clients: int,
+    elapsed: float,
+    requests: int,
+    latency_ms: tuple[float, float, float] | None,
+    cpu_s: tuple[float, float],
+    errors: list[str] | int,
+    rss: list[tuple[float, float]],
+    rss_start: float,
+    p50_ms_by_client: list[float] | None = None,
+) -> dict:
+    """One measured load as a results row, whoever sent it (`load`'s Python threads or bench/serve_load.py's
+    wrk): `requests` answered in `elapsed` s, their (p50, p99, max) latency in ms, (server, clients) CPU
+    seconds, the errors (or their count), and the server's RSS sampled during the run as [(s, MB)]."""
+    n = requests
+    t, mb = np.array(rss).T
+    slope = np.polyfit(t, mb, 1)[0] * 60 if len(t) > 2 else 0.0  # MB per minute: a leak shows as a steady rise
+    p50, p99, most = latency_ms or (None, None, None)
+    server_cpu, clients_cpu = cpu_s
     return {
         "batch": batch,
         "body": kind,
@@ -223,16 +252,15 @@ def load(server: Server, batch: int, clients: int, seconds: float, warmup: float
         "requests": n,
         "images_per_s": round(n * batch / elapsed, 1),
         "requests_per_s": round(n / elapsed, 1),
-        "p50_ms": round(float(np.percentile(lat, 50)), 1) if n else None,
-        "p99_ms": round(float(np.percentile(lat, 99)), 1) if n else None,
-        "max_ms": round(float(lat.max()), 1) if n else None,
-        # Each client's (connection's) own p50, slowest first: a worker with more connections shows as a group.
-        "p50_ms_by_client": sorted((round(1000 * float(np.median(c)), 1) for c in out["by_client"] if c), reverse=True),
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "max_ms": most,
+        **({} if p50_ms_by_client is None else {"p50_ms_by_client": p50_ms_by_client}),
         # CPU per request, milliseconds: where a request's cost lies when clients and server share the cores.
         "server_cpu_ms_per_request": round(1000 * server_cpu / n, 3) if n else None,
         "clients_cpu_ms_per_request": round(1000 * clients_cpu / n, 3) if n else None,
-        "errors": len(out["errors"]),
-        "error_examples": out["errors"][:5],
+        "errors": errors if isinstance(errors, int) else len(errors),
+        "error_examples": [] if isinstance(errors, int) else errors[:5],
         "rss_start_mb": round(rss_start),
         "rss_end_mb": round(server.rss_mb()),
         "rss_max_mb": round(mb.max()),
