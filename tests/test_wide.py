@@ -1,5 +1,5 @@
-"""The `wide` network keeps the contract (raw pixels in, 10 logits out, exported and reloaded as the
-logged model is) and the weight average (train.ema) is validated, saved and resumed."""
+"""The `wide` and `deep` networks keep the contract (raw pixels in, 10 logits out, exported and
+reloaded as the logged model is) and the weight average (train.ema) is validated, saved and resumed."""
 
 import copy
 import dataclasses
@@ -11,7 +11,7 @@ from pipeline.common.errors import ParamsError
 from pipeline.core import engine
 from pipeline.core.checkpoint import load_model, save_model
 from pipeline.core.ema import EMA
-from pipeline.core.model import WideNet, build_model
+from pipeline.core.model import NETWORKS, build_model
 from pipeline.params import ModelConfig, TrainConfig
 
 
@@ -19,20 +19,25 @@ def pixels(n: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
 
 
+ARCHS = ["wide", "deep"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("nf", [4, 16])
-def test_wide_takes_raw_pixels_of_any_dtype_and_gives_ten_logits(nf) -> None:
-    model = build_model(ModelConfig(arch="wide", nf=nf)).eval()
-    assert isinstance(model, WideNet) and model.head.in_features == 4 * nf
+def test_takes_raw_pixels_of_any_dtype_and_gives_ten_logits(arch, nf) -> None:
+    model = build_model(ModelConfig(arch=arch, nf=nf)).eval()
+    assert isinstance(model, NETWORKS[arch]) and model.head.in_features == 4 * nf
     x = pixels(5)
     assert model(x).shape == (5, 10)
     assert torch.equal(model(x), model(x.float()))
 
 
-def test_wide_exports_with_a_dynamic_batch_and_reloads(tmp_path) -> None:
+@pytest.mark.parametrize("arch", ARCHS)
+def test_exports_with_a_dynamic_batch_and_reloads(arch, tmp_path) -> None:
     """torch.export as the logged `model` (pt2) is made: every dimension above 1 left to the
     exporter (mlflow.pytorch marks them Dim.AUTO), saved, loaded, run on other batch sizes."""
     torch.manual_seed(0)
-    model = build_model(ModelConfig(arch="wide", nf=4)).eval()
+    model = build_model(ModelConfig(arch=arch, nf=4)).eval()
     example = pixels(4).float()
     auto = torch.export.Dim.AUTO
     program = torch.export.export(model, (example,), dynamic_shapes=({0: auto, 2: auto, 3: auto},))
@@ -44,13 +49,14 @@ def test_wide_exports_with_a_dynamic_batch_and_reloads(tmp_path) -> None:
         assert out.shape == (n, 10) and torch.allclose(out, model(x), atol=1e-5)
 
 
-def test_wide_model_file_round_trips_as_evaluate_and_serving_read_it(tmp_path) -> None:
+@pytest.mark.parametrize("arch", ARCHS)
+def test_model_file_round_trips_as_evaluate_and_serving_read_it(arch, tmp_path) -> None:
     torch.manual_seed(0)
-    cfg = ModelConfig(arch="wide", nf=4)
+    cfg = ModelConfig(arch=arch, nf=4)
     model = build_model(cfg).eval()
     save_model(tmp_path / "model.pt", model, cfg, classes=[str(k) for k in range(10)])
     loaded, classes = load_model(tmp_path / "model.pt", expected=cfg)
-    assert isinstance(loaded, WideNet) and len(classes) == 10
+    assert isinstance(loaded, NETWORKS[arch]) and len(classes) == 10
     assert torch.equal(loaded(pixels(3)), model(pixels(3)))
 
 

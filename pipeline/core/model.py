@@ -1,5 +1,6 @@
 """The networks (`model.arch`): `tutorial`, Net, three 3x3 convs with ReLU and max-pooling then three
-linear layers; `fast`, FastNet; `wide`, WideNet. All take raw 28x28 pixels and give 10 logits."""
+linear layers; `fast`, FastNet; `wide`, WideNet; `deep`, DeepNet. All take raw 28x28 pixels and give
+10 logits."""
 
 from __future__ import annotations
 
@@ -107,7 +108,38 @@ class WideNet(nn.Module):
         return self.head(self.convs(x).flatten(1))  # (B, 4nf) -> (B, 10)
 
 
-NETWORKS = {"tutorial": Net, "fast": FastNet, "wide": WideNet}
+def conv_bn_relu_valid(c_in: int, c_out: int, kernel: int, stride: int = 1, padding: int = 0) -> list[nn.Module]:
+    """A conv (unpadded unless told), batch norm (so no conv bias), ReLU."""
+    conv = nn.Conv2d(c_in, c_out, kernel_size=kernel, stride=stride, padding=padding, bias=False)
+    return [conv, nn.BatchNorm2d(c_out), nn.ReLU()]
+
+
+class DeepNet(nn.Module):
+    """Seven conv-BN-ReLU blocks (`model.arch: deep`), same contract as Net: two unpadded 3x3 convs
+    at nf channels and a strided 5x5 that halves the size, the same at 2nf, then a 4x4 conv at 4nf
+    that sees the whole 4x4 map (a dense layer over it) and one linear layer. Learned downsampling
+    instead of WideNet's max-pooling, and most of the width where the maps are small. At nf 16:
+    3.8 M multiply-adds an image (WideNet's 5.5 M) and 82 k weights (36 k)."""
+
+    def __init__(self, nf: int = 16) -> None:
+        super().__init__()
+        self.convs = nn.Sequential(
+            *conv_bn_relu_valid(1, nf, 3),  # (B, nf, 26, 26)
+            *conv_bn_relu_valid(nf, nf, 3),  # (B, nf, 24, 24)
+            *conv_bn_relu_valid(nf, nf, 5, stride=2, padding=2),  # (B, nf, 12, 12)
+            *conv_bn_relu_valid(nf, 2 * nf, 3),  # (B, 2nf, 10, 10)
+            *conv_bn_relu_valid(2 * nf, 2 * nf, 3),  # (B, 2nf, 8, 8)
+            *conv_bn_relu_valid(2 * nf, 2 * nf, 5, stride=2, padding=2),  # (B, 2nf, 4, 4)
+            *conv_bn_relu_valid(2 * nf, 4 * nf, 4),  # (B, 4nf, 1, 1)
+        )
+        self.head = nn.Linear(4 * nf, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float() / 127.5 - 1.0  # [0, 255] -> [-1, 1], as Net
+        return self.head(self.convs(x).flatten(1))  # (B, 4nf) -> (B, 10)
+
+
+NETWORKS = {"tutorial": Net, "fast": FastNet, "wide": WideNet, "deep": DeepNet}
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
