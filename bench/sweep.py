@@ -170,6 +170,7 @@ def seed_run(name: str, seed: int, data: Path, threads: int, precision: str = "a
     rows: list[dict[str, float]] = []
     load = os.getloadavg()[0]
     model = build(model_cfg, cfg, device)
+    started_ms = int(time.time() * 1000)  # the run's start in MLflow: its Duration is the training's
     start = time.perf_counter()
     fit(model, train, val, cfg, step, on_epoch=lambda row, _state: rows.append(row))
     seconds = time.perf_counter() - start
@@ -180,7 +181,10 @@ def seed_run(name: str, seed: int, data: Path, threads: int, precision: str = "a
         "threads": threads,
         "load_average": [round(load, 2), round(os.getloadavg()[0], 2)],  # 1-minute, at start and end
     }
-    with mlflow.start_run(experiment_id=experiment, run_name=f"{name}-seed{seed}", tags=run_tags) as run:
+    created = mlflow.MlflowClient().create_run(
+        experiment, start_time=started_ms, tags=run_tags, run_name=f"{name}-seed{seed}"
+    )
+    with mlflow.start_run(run_id=created.info.run_id) as run:
         mlflow.set_tags(tags.recipe_tags(name, seed))
         mlflow.log_params(flatten(model=model_cfg, train=cfg))
         split = read_info(data, "preprocess").split_name("train")
