@@ -37,6 +37,7 @@ from pipeline.common.system import cores
 from pipeline.core.engine import EVAL_BATCH_SIZE, build, evaluate, fit
 from pipeline.core.runtime import cpu_has_native_bf16, tune_malloc
 from pipeline.core.step import StepConfig
+from pipeline.data.datasets import read_info
 from pipeline.data.splits import load_split
 from pipeline.params import PRECISIONS, MlflowConfig, configs, flatten, load_section
 from pipeline.recipe import load_recipe
@@ -153,7 +154,6 @@ def seed_run(name: str, seed: int, data: Path, threads: int, precision: str = "a
     import mlflow
 
     from pipeline.core.checkpoint import file_md5
-    from pipeline.data.datasets import read_info
     from pipeline.tracking import inputs, provenance, store, tags
 
     torch.set_num_threads(threads)
@@ -195,6 +195,15 @@ def seed_run(name: str, seed: int, data: Path, threads: int, precision: str = "a
     return result | {"run_id": run.info.run_id}
 
 
+def data_label(data: Path) -> str:
+    """Where the data came from, without this machine's paths (the results file is committed): the
+    folder under the working directory, or the dataset's name for a folder elsewhere (--data)."""
+    try:
+        return str(data.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return f"{read_info(data, 'preprocess').name}: the processed data of another clone (--data)"
+
+
 def seeds(name: str, data: Path, rounds: int, jobs: int, precision: str = "auto") -> dict[str, Any]:
     """A recipe on each seed: test accuracy (deterministic) and training time (best of `rounds`);
     `jobs` seeds side by side, in processes of cores / jobs threads each."""
@@ -214,7 +223,7 @@ def seeds(name: str, data: Path, rounds: int, jobs: int, precision: str = "auto"
     accuracies = [r["test_accuracy"] for r in runs.values()]
     return {
         "recipe": name,
-        "data": str(data),
+        "data": data_label(data),
         "native_bf16": cpu_has_native_bf16(),
         "precision": precision,
         "jobs": jobs,
