@@ -78,9 +78,10 @@ class FastNet(nn.Module):
         return self.head(self.convs(x).flatten(1))  # (B, 2nf * 6 * 6) -> (B, 10)
 
 
-def conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
-    """A 3x3 conv keeping the size, batch norm (so no conv bias), ReLU."""
-    return [nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+def conv_bn_relu(c_in: int, c_out: int, kernel: int = 3, stride: int = 1, padding: int = 1) -> list[nn.Module]:
+    """A conv (by default 3x3 keeping the size), batch norm (so no conv bias), ReLU."""
+    conv = nn.Conv2d(c_in, c_out, kernel_size=kernel, stride=stride, padding=padding, bias=False)
+    return [conv, nn.BatchNorm2d(c_out), nn.ReLU()]
 
 
 class WideNet(nn.Module):
@@ -108,12 +109,6 @@ class WideNet(nn.Module):
         return self.head(self.convs(x).flatten(1))  # (B, 4nf) -> (B, 10)
 
 
-def conv_bn_relu_valid(c_in: int, c_out: int, kernel: int, stride: int = 1, padding: int = 0) -> list[nn.Module]:
-    """A conv (unpadded unless told), batch norm (so no conv bias), ReLU."""
-    conv = nn.Conv2d(c_in, c_out, kernel_size=kernel, stride=stride, padding=padding, bias=False)
-    return [conv, nn.BatchNorm2d(c_out), nn.ReLU()]
-
-
 class DeepNet(nn.Module):
     """Seven conv-BN-ReLU blocks (`model.arch: deep`), same contract as Net: two unpadded 3x3 convs
     at nf channels and a strided 5x5 that halves the size, the same at 2nf, then a 4x4 conv at 4nf
@@ -124,13 +119,13 @@ class DeepNet(nn.Module):
     def __init__(self, nf: int = 16) -> None:
         super().__init__()
         self.convs = nn.Sequential(
-            *conv_bn_relu_valid(1, nf, 3),  # (B, nf, 26, 26)
-            *conv_bn_relu_valid(nf, nf, 3),  # (B, nf, 24, 24)
-            *conv_bn_relu_valid(nf, nf, 5, stride=2, padding=2),  # (B, nf, 12, 12)
-            *conv_bn_relu_valid(nf, 2 * nf, 3),  # (B, 2nf, 10, 10)
-            *conv_bn_relu_valid(2 * nf, 2 * nf, 3),  # (B, 2nf, 8, 8)
-            *conv_bn_relu_valid(2 * nf, 2 * nf, 5, stride=2, padding=2),  # (B, 2nf, 4, 4)
-            *conv_bn_relu_valid(2 * nf, 4 * nf, 4),  # (B, 4nf, 1, 1)
+            *conv_bn_relu(1, nf, padding=0),  # (B, nf, 26, 26)
+            *conv_bn_relu(nf, nf, padding=0),  # (B, nf, 24, 24)
+            *conv_bn_relu(nf, nf, kernel=5, stride=2, padding=2),  # (B, nf, 12, 12)
+            *conv_bn_relu(nf, 2 * nf, padding=0),  # (B, 2nf, 10, 10)
+            *conv_bn_relu(2 * nf, 2 * nf, padding=0),  # (B, 2nf, 8, 8)
+            *conv_bn_relu(2 * nf, 2 * nf, kernel=5, stride=2, padding=2),  # (B, 2nf, 4, 4)
+            *conv_bn_relu(2 * nf, 4 * nf, kernel=4, padding=0),  # (B, 4nf, 1, 1)
         )
         self.head = nn.Linear(4 * nf, NUM_CLASSES)
 
