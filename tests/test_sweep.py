@@ -68,6 +68,9 @@ from .helpers.sweeps import write_sweep
         ({"max_failures": 0}, "max_failures must be an integer >= 1"),
         ({"budget": 3}, "must be a mapping of fixed, heartbeat"),
         ({"fixed": {"train.epochs": 0}}, "train.epochs must be an integer >= 1"),
+        ({"seeds": [0, 0]}, "seeds must be a list of distinct integers"),
+        ({"seeds": 3}, "seeds must be a list of distinct integers"),
+        ({"seeds": [0, 1], "fixed": {"train.seed": 3}}, "seeds must be absent where train.seed is fixed"),
         ({"params": {"train.lr": {"type": "float", "low": 0.001, "high": 0.01}}, "sampler": "grid"}, "grid sampler"),
     ],
 )
@@ -131,6 +134,43 @@ def test_a_worker_prunes_tracks_each_trial_and_its_best_recipe_gives_the_train_s
     stage = torch.load("models/model.pt", weights_only=True)
     assert stage["history"][-1]["val_accuracy"] == first.value
     assert all(torch.equal(stage["state_dict"][k], v) for k, v in weights[0].items())
+
+
+def test_with_seeds_each_trial_trains_on_each_seed_in_a_nested_run_and_its_value_is_their_mean(processed) -> None:
+    write_sweep(processed, seeds=[0, 1])
+    url = f"sqlite:///{processed / 'sweeps.db'}"
+    workers.work(load_sweep("tiny"), url, Path("data/processed"))
+
+    first, second = load("tiny", url).trials
+    assert first.state == optuna.trial.TrialState.COMPLETE and list(first.intermediate_values) == list(range(1, 7))
+    assert second.state == optuna.trial.TrialState.PRUNED and list(second.intermediate_values) == [1]
+    client = MlflowClient()
+    runs = {r.info.run_name: r for r in client.search_runs(client.get_experiment_by_name("tests").experiment_id)}
+    assert set(runs) == {"tiny-0", "tiny-0-seed0", "tiny-0-seed1", "tiny-1", "tiny-1-seed0"}
+    finals = []
+    for name, seed, status in (
+        ("tiny-0-seed0", 0, "FINISHED"),
+        ("tiny-0-seed1", 1, "FINISHED"),
+        ("tiny-1-seed0", 0, "KILLED"),
+    ):
+        run = runs[name]
+        assert run.data.tags["mlflow.parentRunId"] == runs[name.rsplit("-", 1)[0]].info.run_id
+        assert (run.info.status, run.data.tags["sweep.seed"], run.data.params["train.seed"]) == (
+            status,
+            str(seed),
+            str(seed),
+        )
+        finals.append([m.value for m in client.get_metric_history(run.info.run_id, "val_accuracy")])
+    assert [len(f) for f in finals] == [3, 3, 1] and finals[0] != finals[1]  # each seed its own epochs 1-3
+    assert first.value == pytest.approx((finals[0][-1] + finals[1][-1]) / 2)
+    parent = runs["tiny-0"].data.metrics
+    assert parent["val_accuracy"] == pytest.approx(first.value) and parent["val_accuracy_min"] == min(
+        finals[0][-1], finals[1][-1]
+    )
+    assert (runs["tiny-0"].info.status, runs["tiny-1"].info.status) == ("FINISHED", "KILLED")
+    header = Path("recipes/tiny-best.yaml").read_text().splitlines()[0]
+    assert f"val_accuracy {first.value:.4f} (mean over seeds 0, 1)" in header
+    assert "seed" not in yaml.safe_load(Path("recipes/tiny-best.yaml").read_text())["train"]  # params.yaml's seed
 
 
 @pytest.mark.slow

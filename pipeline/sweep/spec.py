@@ -83,6 +83,9 @@ class Sweep:
     heartbeat: int = 10
     max_failures: int = 3  # trials in a row that raise before a worker stops
     base_digest: str | None = None  # SHA-256 of the base recipe's file: a study belongs to one version of it too
+    # Each trial trained on each of these seeds, its value their mean (empty: once, on train.seed):
+    # a choice that rests on more than one seed's validation noise.
+    seeds: tuple[int, ...] = ()
 
     @property
     def direction(self) -> str:
@@ -164,7 +167,18 @@ def _dimension(key: str, raw: Any, path: Path) -> Dimension:
     return Dimension(key, kind, low=low, high=high, log=log, step=step)
 
 
-SWEEP_KEYS = {"recipe", "fixed", "params", "objective", "trials", "sampler", "pruner", "heartbeat", "max_failures"}
+SWEEP_KEYS = {
+    "recipe",
+    "fixed",
+    "params",
+    "objective",
+    "trials",
+    "sampler",
+    "pruner",
+    "heartbeat",
+    "max_failures",
+    "seeds",
+}
 
 
 def _read_sweep(name: str, folder: Path) -> tuple[Path, dict[str, Any]]:
@@ -203,6 +217,13 @@ def load_sweep(name: str, folder: Path = SWEEPS) -> Sweep:
     check(_integer(heartbeat) and heartbeat >= 1, f"{path}: heartbeat", "whole seconds >= 1", heartbeat)
     max_failures = raw.get("max_failures", 3)
     check(_integer(max_failures) and max_failures >= 1, f"{path}: max_failures", "an integer >= 1", max_failures)
+    seeds = raw.get("seeds") or []
+    ok = (
+        isinstance(seeds, list) and all(_integer(x) and 0 <= x < 2**32 for x in seeds) and len(set(seeds)) == len(seeds)
+    )
+    check(ok, f"{path}: seeds", "a list of distinct integers >= 0 (each trial trains on each)", seeds)
+    seeded = "train.seed" in fixed or any(d.key == "train.seed" for d in dims)
+    check(not (seeds and seeded), f"{path}: seeds", "absent where train.seed is fixed or searched", seeds)
     sweep = Sweep(
         name=name,
         path=path,
@@ -217,6 +238,7 @@ def load_sweep(name: str, folder: Path = SWEEPS) -> Sweep:
         heartbeat=heartbeat,
         max_failures=max_failures,
         base_digest=_digest(recipe.RECIPES / f"{base}.yaml") if base else None,
+        seeds=tuple(seeds),
     )
     # Fail now, not in trial 7: the base recipe, the settings of sampler and pruner, points of the space.
     sweep.configs({d.key: d.grid()[0] if d.kind == "categorical" else d.low for d in dims} | sweep.fixed)

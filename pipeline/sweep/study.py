@@ -180,8 +180,9 @@ def write_best_recipe(study: optuna.Study, sweep: Sweep, folder: Path = Path("re
     threads, device = best.user_attrs.get("threads"), best.user_attrs.get("device")
     threads = threads if isinstance(threads, str) and threads.isdigit() and len(threads) < 5 else "?"
     device = device if isinstance(device, str) and recipe.DEVICE.fullmatch(device) else "?"  # no newline, no '#'
+    over = f" (mean over seeds {', '.join(map(str, sweep.seeds))})" if sweep.seeds else ""
     header = (
-        f"# {sweep.name}-best: trial {best.number} of sweep {sweep.name}, {sweep.objective} {best.value:.4f}\n"
+        f"# {sweep.name}-best: trial {best.number} of sweep {sweep.name}, {sweep.objective} {best.value:.4f}{over}\n"
         f"# Written {datetime.date.today()} by `python -m pipeline.sweep` from study {sweep.name!r}; the trial\n"
         f"# ran on {device} with {threads} thread(s) (OMP_NUM_THREADS={threads} gives the same weights there).\n"
         f"# Run it: python -m pipeline.recipe {sweep.name}-best --run\n"

@@ -3,9 +3,11 @@ tracked as one MLflow run `<sweep>-<trial number>`, reporting each epoch to Optu
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
+import statistics
 from typing import Any
 
 import mlflow
@@ -16,7 +18,7 @@ from mlflow.data.dataset import Dataset
 from pipeline.common.errors import ParamsError
 from pipeline.core.engine import Split, TrainingDiverged, build, fit
 from pipeline.core.step import StepConfig
-from pipeline.params import MlflowConfig, flatten, load_section
+from pipeline.params import MlflowConfig, ModelConfig, TrainConfig, flatten, load_section
 from pipeline.sweep.budget import one_line
 from pipeline.sweep.spec import Sweep
 from pipeline.sweep.study import RUN_ID_ATTR
@@ -55,19 +57,30 @@ class Objective:
         try:
             mlflow.log_params(flatten(model=model_cfg, train=cfg))
             inputs.log_input(self.dataset, context="training")
-            model = build(model_cfg, cfg, self.device)
-
-            def on_epoch(row: dict[str, float], _state: dict[str, Any]) -> None:
-                epoch = int(row["epoch"])
-                mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
-                value = row[self.sweep.objective]
-                trial.report(value, epoch)
-                if trial.should_prune():
-                    raise optuna.TrialPruned(f"after epoch {epoch}: {self.sweep.objective} {value:.4f}")
-
-            history = fit(model, self.train, self.val, cfg, step, on_epoch=on_epoch)
+            if not self.sweep.seeds:  # the trial's own run holds its epochs
+                value = self.train_one(trial, model_cfg, cfg, first_step=0)
+            else:  # a nested run per seed; the trial's value is their mean
+                values = []
+                for i, seed in enumerate(self.sweep.seeds):
+                    seeded = dataclasses.replace(cfg, seed=seed)
+                    # Not a `with` block: its exit would end the trial's run too after a KILLED end here.
+                    seed_tags = run_tags | {"sweep.seed": str(seed)}
+                    mlflow.start_run(
+                        experiment_id=self.experiment_id, run_name=f"{name}-seed{seed}", nested=True, tags=seed_tags
+                    )
+                    ended = "KILLED"  # stopped with its trial (pruned, diverged, interrupted, failed)
+                    try:
+                        mlflow.log_params(flatten(model=model_cfg, train=seeded))
+                        values.append(self.train_one(trial, model_cfg, seeded, first_step=i * cfg.epochs))
+                        ended = "FINISHED"
+                    finally:
+                        mlflow.end_run(status=ended)
+                    log.info("trial %d, seed %d: %s %.4f", trial.number, seed, self.sweep.objective, values[-1])
+                value = statistics.fmean(values)
+                objective = self.sweep.objective
+                mlflow.log_metrics({objective: value, f"{objective}_min": min(values), f"{objective}_max": max(values)})
             status, state = "FINISHED", "COMPLETE"
-            return history[-1][self.sweep.objective]
+            return value
         except optuna.TrialPruned:
             status, state = "KILLED", "PRUNED"  # stopped early on purpose: KILLED is how the UI shows it
             raise
@@ -83,3 +96,20 @@ class Objective:
         finally:
             mlflow.set_tags(tags.trial_end_tags(state, diverged=diverged, failure=failure))
             mlflow.end_run(status=status)
+
+    def train_one(self, trial: optuna.Trial, model_cfg: ModelConfig, cfg: TrainConfig, first_step: int) -> float:
+        """Train on cfg.seed in the active run, each epoch reported to the pruner as step
+        first_step + epoch (a seed's epochs after the seeds before it); the last epoch's objective."""
+        model = build(model_cfg, cfg, self.device)
+
+        def on_epoch(row: dict[str, float], _state: dict[str, Any]) -> None:
+            epoch = int(row["epoch"])
+            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+            value = row[self.sweep.objective]
+            trial.report(value, first_step + epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"after epoch {epoch} of seed {cfg.seed}: {self.sweep.objective} {value:.4f}")
+
+        return fit(model, self.train, self.val, cfg, StepConfig.of(cfg, self.device), on_epoch=on_epoch)[-1][
+            self.sweep.objective
+        ]
