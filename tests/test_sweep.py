@@ -136,7 +136,9 @@ def test_a_worker_prunes_tracks_each_trial_and_its_best_recipe_gives_the_train_s
     assert all(torch.equal(stage["state_dict"][k], v) for k, v in weights[0].items())
 
 
-def test_with_seeds_each_trial_trains_on_each_seed_in_a_nested_run_and_its_value_is_their_mean(processed) -> None:
+def test_with_seeds_each_trial_trains_on_each_seed_in_a_nested_run_and_its_value_is_their_mean(
+    processed, capsys
+) -> None:
     write_sweep(processed, seeds=[0, 1])
     url = f"sqlite:///{processed / 'sweeps.db'}"
     workers.work(load_sweep("tiny"), url, Path("data/processed"))
@@ -171,6 +173,8 @@ def test_with_seeds_each_trial_trains_on_each_seed_in_a_nested_run_and_its_value
     header = Path("recipes/tiny-best.yaml").read_text().splitlines()[0]
     assert f"val_accuracy {first.value:.4f} (mean over seeds 0, 1)" in header
     assert "seed" not in yaml.safe_load(Path("recipes/tiny-best.yaml").read_text())["train"]  # params.yaml's seed
+    show_board(load_sweep("tiny"), url, top=10)
+    assert "each trial on seeds 0, 1: value = their mean, epochs = theirs summed" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -83,6 +83,8 @@ def show_board(sweep, url: str, top: int) -> None:
     rows = studies.leaderboard(study, top)
     print(f"sweep {sweep.name}: {sum(done.values())}/{sweep.trials} trials done ({done['COMPLETE']} complete, "
           f"{done['PRUNED']} pruned), {running} running; objective {sweep.objective} ({sweep.direction})")  # fmt: skip
+    if sweep.seeds:
+        print(f"each trial on seeds {', '.join(map(str, sweep.seeds))}: value = their mean, epochs = theirs summed")
     if rows:
         options = ("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4g}".format)
         with pd.option_context(*options):
