@@ -1,4 +1,4 @@
-"""The `wide` and `deep` networks keep the contract (raw pixels in, 10 logits out, exported and
+"""The `fast3`, `wide` and `deep` networks keep the contract (raw pixels in, 10 logits out, exported and
 reloaded as the logged model is) and the weight average (train.ema) is validated, saved and resumed."""
 
 import copy
@@ -19,17 +19,25 @@ def pixels(n: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
 
 
-ARCHS = ["wide", "deep"]
+ARCHS = ["fast3", "wide", "deep"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("nf", [4, 16])
 def test_takes_raw_pixels_of_any_dtype_and_gives_ten_logits(arch, nf) -> None:
     model = build_model(ModelConfig(arch=arch, nf=nf)).eval()
-    assert isinstance(model, NETWORKS[arch]) and model.head.in_features == 4 * nf
+    assert isinstance(model, NETWORKS[arch]) and model.convs[0].out_channels == nf
     x = pixels(5)
     assert model(x).shape == (5, 10)
     assert torch.equal(model(x), model(x.float()))
+
+
+def test_fast3_is_fast_with_a_third_conv_at_6x6() -> None:
+    fast, fast3 = (build_model(ModelConfig(arch=arch, nf=4)) for arch in ("fast", "fast3"))
+    convs = [m for m in fast3.convs if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 3 and (convs[-1].in_channels, convs[-1].out_channels, convs[-1].kernel_size) == (8, 8, (3, 3))
+    x = torch.zeros(2, 1, 24, 24)
+    assert fast3.convs(x).shape == fast.convs(x).shape == (2, 8, 6, 6)  # the same head fits both
 
 
 @pytest.mark.parametrize("arch", ARCHS)
