@@ -60,25 +60,7 @@ class Objective:
             if not self.sweep.seeds:  # the trial's own run holds its epochs
                 value = self.train_one(trial, model_cfg, cfg, first_step=0)
             else:  # a nested run per seed; the trial's value is their mean
-                values = []
-                for i, seed in enumerate(self.sweep.seeds):
-                    seeded = dataclasses.replace(cfg, seed=seed)
-                    # Not a `with` block: its exit would end the trial's run too after a KILLED end here.
-                    seed_tags = run_tags | {"sweep.seed": str(seed)}
-                    mlflow.start_run(
-                        experiment_id=self.experiment_id, run_name=f"{name}-seed{seed}", nested=True, tags=seed_tags
-                    )
-                    ended = "KILLED"  # stopped with its trial (pruned, diverged, interrupted, failed)
-                    try:
-                        mlflow.log_params(flatten(model=model_cfg, train=seeded))
-                        values.append(self.train_one(trial, model_cfg, seeded, first_step=i * cfg.epochs))
-                        ended = "FINISHED"
-                    finally:
-                        mlflow.end_run(status=ended)
-                    log.info("trial %d, seed %d: %s %.4f", trial.number, seed, self.sweep.objective, values[-1])
-                value = statistics.fmean(values)
-                objective = self.sweep.objective
-                mlflow.log_metrics({objective: value, f"{objective}_min": min(values), f"{objective}_max": max(values)})
+                value = self.train_seeds(trial, model_cfg, cfg, name, run_tags)
             status, state = "FINISHED", "COMPLETE"
             return value
         except optuna.TrialPruned:
@@ -96,6 +78,30 @@ class Objective:
         finally:
             mlflow.set_tags(tags.trial_end_tags(state, diverged=diverged, failure=failure))
             mlflow.end_run(status=status)
+
+    def train_seeds(
+        self, trial: optuna.Trial, model_cfg: ModelConfig, cfg: TrainConfig, name: str, run_tags: dict[str, str]
+    ) -> float:
+        """Train on each of the sweep's seeds, each in a nested run `<name>-seed<s>`; the mean of
+        their objective, logged with its min and max in the trial's run."""
+        values = []
+        for i, seed in enumerate(self.sweep.seeds):
+            seeded = dataclasses.replace(cfg, seed=seed)
+            tags_ = run_tags | {"sweep.seed": str(seed)}
+            mlflow.start_run(experiment_id=self.experiment_id, run_name=f"{name}-seed{seed}", nested=True, tags=tags_)
+            ended = "KILLED"  # by hand: a `with` block would end it FAILED when its trial is pruned
+            try:
+                mlflow.log_params(flatten(model=model_cfg, train=seeded))
+                values.append(self.train_one(trial, model_cfg, seeded, first_step=i * cfg.epochs))
+                ended = "FINISHED"
+            finally:
+                mlflow.end_run(status=ended)
+            log.info("trial %d, seed %d: %s %.4f", trial.number, seed, self.sweep.objective, values[-1])
+        objective = self.sweep.objective
+        mlflow.log_metrics(
+            {objective: statistics.fmean(values), f"{objective}_min": min(values), f"{objective}_max": max(values)}
+        )
+        return statistics.fmean(values)
 
     def train_one(self, trial: optuna.Trial, model_cfg: ModelConfig, cfg: TrainConfig, first_step: int) -> float:
         """Train on cfg.seed in the active run, each epoch reported to the pruner as step
