@@ -97,11 +97,9 @@ class Objective:
             finally:
                 mlflow.end_run(status=ended)
             log.info("trial %d, seed %d: %s %.4f", trial.number, seed, self.sweep.objective, values[-1])
-        objective = self.sweep.objective
-        mlflow.log_metrics(
-            {objective: statistics.fmean(values), f"{objective}_min": min(values), f"{objective}_max": max(values)}
-        )
-        return statistics.fmean(values)
+        objective, mean = self.sweep.objective, statistics.fmean(values)
+        mlflow.log_metrics({objective: mean, f"{objective}_min": min(values), f"{objective}_max": max(values)})
+        return mean
 
     def train_one(self, trial: optuna.Trial, model_cfg: ModelConfig, cfg: TrainConfig, first_step: int) -> float:
         """Train on cfg.seed in the active run, each epoch reported to the pruner as step
