@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,6 +51,19 @@ def pytest_configure(config: pytest.Config) -> None:
         import torch
 
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Everything imported so far (torch, MLflow, the test modules: about 0.5 M objects) lives to
+    the end: out of the collector's sight, each full collection walks only what the tests made
+    (`gc.freeze`). With the same at exit, `-m "not slow"` took 67-70 s where it took 74-81 s."""
+    gc.freeze()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The interpreter's teardown collects what is left, a walk of the whole heap: 5 s a worker
+    after the fast tier's modules; frozen, 0.3 s."""
+    gc.freeze()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -472,7 +472,11 @@ def test_the_alias_moves_under_load_without_a_failed_request(served, monkeypatch
     clients = [threading.Thread(target=send) for _ in range(8)]
     for t in clients:
         t.start()
-    time.sleep(1)
+    # Under load first: 20 answers from version 1 (after a fixed second, one full run on a busy host
+    # had no answer yet, and its first came from the new version).
+    started = time.monotonic() + 30
+    while len(versions) < 20 and not failures and time.monotonic() < started:
+        time.sleep(0.05)
     moved = time.monotonic()
     second = mlflow.register_model(first.source, "mnist-cnn")  # the same classifier as a new version
     client.set_registered_model_alias("mnist-cnn", "champion", second.version)
