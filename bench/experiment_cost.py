@@ -14,6 +14,11 @@
    cores training uses.
 
 Prints a table and writes bench/experiment_cost.json. Not a test: the numbers depend on the machine.
+
+    python -m bench.experiment_cost --against HEAD~1   # 1. only, this tree's code beside that revision's
+
+measures step 1 with the working tree's code and with a git revision's, rounds alternating between
+them, and writes bench/experiment_cost_against.json with their ratio.
 """
 
 from __future__ import annotations
@@ -38,11 +43,12 @@ REPO = Path(__file__).resolve().parents[1]
 EPOCH_LINE = re.compile(r"epoch \d+/\d+: .* \| ([\d.]+) s$", re.M)  # train's per-epoch log line
 
 
-def env(root: Path) -> dict[str, str]:
-    """The stages' environment: this interpreter's venv first on PATH, the store under `root`."""
+def env(root: Path, code: Path = REPO) -> dict[str, str]:
+    """The stages' environment: this interpreter's venv first on PATH, the store under `root`, the
+    pipeline's code from `code`."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environ.get('PATH', '')}"
-    return {**environ, "DVC_ROOT": str(root), "PYTHONPATH": str(REPO)}
+    return {**environ, "DVC_ROOT": str(root), "PYTHONPATH": str(code)}
 
 
 def timed(cmd: list[str], cwd: Path, environ: dict[str, str]) -> tuple[float, str]:
@@ -62,7 +68,7 @@ def recipe_params(recipe: str) -> dict:
     return params
 
 
-def stage_costs(raw: Path, recipe: str, rounds: int) -> dict[str, dict[str, float]]:
+def stage_costs(raw: Path, recipe: str, rounds: int, code: Path = REPO) -> dict[str, dict[str, float]]:
     """Best-of-`rounds` wall time of preprocess, train and evaluate as processes; train's epoch time."""
     stages = {
         "preprocess": ["--raw", str(raw.resolve()), "--out", "data/processed"],
@@ -73,7 +79,7 @@ def stage_costs(raw: Path, recipe: str, rounds: int) -> dict[str, dict[str, floa
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         (work / "params.yaml").write_text(yaml.safe_dump(recipe_params(recipe), sort_keys=False))
-        environ = env(work)
+        environ = env(work, code)
         for round_ in range(rounds + 1):  # round 0 creates the MLflow store and is not counted
             for stage, argv in stages.items():
                 seconds, log = timed([sys.executable, "-m", f"pipeline.{stage}", *argv], work, environ)
@@ -152,13 +158,40 @@ def system_metrics_share(seconds: float = 20.0) -> dict[str, float]:
     return {"cpu_seconds_per_second": busy / seconds, "share_of_training_cores": busy / seconds / cores}
 
 
+def side_by_side(raw: Path, recipe: str, rounds: int, rev: str) -> dict:
+    """The stages' costs with this working tree's code and with git revision `rev`'s, the rounds
+    alternating between the two (a shared machine's load moves both alike); the best round of each."""
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = subprocess.run(["git", "archive", rev], cwd=REPO, capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        codes = {"this tree": REPO, rev: Path(tmp)}
+        best: dict[str, dict[str, dict[str, float]]] = {name: {} for name in codes}
+        for round_ in range(rounds):
+            for name, code in list(codes.items())[:: 1 if round_ % 2 == 0 else -1]:
+                print(f"round {round_ + 1}: {name}", flush=True)
+                for stage, row in stage_costs(raw, recipe, 1, code).items():
+                    if stage not in best[name] or row["fixed"] < best[name][stage]["fixed"]:
+                        best[name][stage] = row
+    ours, theirs = best["this tree"], best[rev]
+    ratio = {stage: ours[stage]["fixed"] / theirs[stage]["fixed"] for stage in ours}
+    return {"stages_seconds": ours, "against": rev, "against_seconds": theirs, "fixed_cost_ratio": ratio}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--raw", type=Path, default=Path("data/raw"))
     parser.add_argument("--recipe", default="fast")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("bench/experiment_cost.json"))
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--against", metavar="REV", help="the stages only: this tree's code beside revision REV's, rounds alternating"
+    )
     args = parser.parse_args()
+    if args.against:
+        results = {"date": date.today().isoformat(), "recipe": args.recipe}
+        results |= side_by_side(args.raw, args.recipe, args.rounds, args.against)
+        write(results, args.out or Path("bench/experiment_cost_against.json"))
+        return
     results = {
         "date": date.today().isoformat(),
         "recipe": args.recipe,
@@ -166,9 +199,13 @@ def main() -> None:
         "dvc_exp_run_seconds": exp_run_cost(args.recipe),
         "system_metrics": system_metrics_share(),
     }
+    write(results, args.out or Path("bench/experiment_cost.json"))
+
+
+def write(results: dict, out: Path) -> None:
     print(json.dumps(results, indent=2))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

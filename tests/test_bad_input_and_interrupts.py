@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 
 import mlflow
@@ -195,6 +196,29 @@ def test_pipeline_errors_exit_nonzero_with_one_line(monkeypatch, capsys) -> None
     with pytest.raises(SystemExit) as exit_:
         run_stage(bad)
     assert exit_.value.code == "error: train.lr must be a positive number, got -1"  # printed to stderr, status 1
+
+
+def test_a_command_imports_without_collecting_then_collects_only_what_it_makes() -> None:
+    """`python -m pipeline.<name>`: no garbage collection while it imports (pipeline/__init__.py),
+    back on in run_stage with the imports frozen; each such module ends in run_stage(main)."""
+    code = """if True:
+        import gc, sys
+        sys.argv[0] = "-m"  # as while `python -m pipeline.<name>` finds its module
+        import pipeline.recipe
+        from pipeline.common.errors import run_stage
+        print(gc.isenabled())
+        def main():
+            print(gc.isenabled(), gc.get_freeze_count() > 10000, flush=True)
+        main.__module__ = "__main__"
+        run_stage(main)
+    """
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True", "True"], out
+    commands = [p for p in (REPO / "pipeline").rglob("*.py") if 'if __name__ == "__main__":' in p.read_text()]
+    assert len(commands) >= 10
+    for path in commands:
+        text = path.read_text()
+        assert "\ndef main(" in text and text.rstrip().endswith("run_stage(main)"), path
 
 
 def test_credentials_of_a_uri_reach_no_message_or_log(monkeypatch, caplog) -> None:

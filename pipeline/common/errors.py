@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -94,6 +95,9 @@ def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's main(); a PipelineError ends it with one line and exit code 1, Ctrl-C with
     130 and SIGTERM with 143 (the shell's codes), after the stage's own cleanup. No line it logs
     or prints holds a URI's user or password."""
+    if main.__module__ == "__main__":  # the stage's own process: its imports are done (pipeline/__init__.py)
+        gc.enable()
+        gc.freeze()
     signal.signal(signal.SIGTERM, _terminate)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # Ctrl-C: the same, but shieldable
         signal.signal(signal.SIGINT, _interrupt)
