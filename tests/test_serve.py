@@ -474,8 +474,8 @@ def test_the_alias_moves_under_load_without_a_failed_request(served, monkeypatch
         t.start()
     # Under load first: 20 answers from version 1 (after a fixed second, one full run on a busy host
     # had no answer yet, and its first came from the new version).
-    started = time.monotonic() + 30
-    while len(versions) < 20 and not failures and time.monotonic() < started:
+    loaded_by = time.monotonic() + 30
+    while len(versions) < 20 and not failures and time.monotonic() < loaded_by:
         time.sleep(0.05)
     moved = time.monotonic()
     second = mlflow.register_model(first.source, "mnist-cnn")  # the same classifier as a new version
