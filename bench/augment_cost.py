@@ -1,7 +1,9 @@
 """Where a recipe's training time goes, measured side by side in one run: the network's ceiling
 (bench/benchmark.py's synthetic-batch row: forward, backward and Adam only), our loop without
-augmentation, our loop with the recipe's (both with its schedule and weight average), and the
-augmentation alone (drawing and warping the same batches, no training).
+augmentation, our loop with the recipe's (both with its schedule and weight average), the same loop
+with PyTorch's NaN fill of new tensors (its default under deterministic algorithms, which
+make_deterministic turns off), and the augmentation alone (drawing and warping the same batches).
+All in deterministic mode, as the train stage runs.
 
     python -m bench.augment_cost best              # bench/augment_cost_best.json
     python -m bench.augment_cost best --threads 1  # as each seed of `bench.sweep --seeds --jobs 2` trains
@@ -28,24 +30,35 @@ from pipeline.common.system import cores
 from pipeline.core import engine
 from pipeline.core.augment import Augment
 from pipeline.core.engine import batch_of, train_one_epoch
-from pipeline.core.runtime import cpu_has_native_bf16, tune_malloc
+from pipeline.core.runtime import cpu_has_native_bf16, make_deterministic, tune_malloc
 from pipeline.core.step import StepConfig
 from pipeline.data.splits import load_split
 from pipeline.params import ModelConfig, TrainConfig, configs
 from pipeline.recipe import load_recipe
 
 
-def loop(model_cfg: ModelConfig, cfg: TrainConfig, step: StepConfig, data: tuple[torch.Tensor, torch.Tensor]) -> float:
+def loop(
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    step: StepConfig,
+    data: tuple[torch.Tensor, torch.Tensor],
+    fill: bool = False,
+) -> float:
     """Images per second of our train_one_epoch over `data` (a few hundred batches) in steps `step`,
-    with the optimizer, schedule and weight average the recipe trains with (engine.start)."""
+    with the optimizer, schedule and weight average the recipe trains with (engine.start); `fill`:
+    with PyTorch's NaN fill of each new tensor on, as before make_deterministic turned it off."""
     model = make_model(model_cfg, cfg.channels_last)
     training = engine.start(model, data, cfg, step, resume=None)
     images, labels = data
     warm = 3 * cfg.batch_size
-    train_one_epoch(training, images[:warm], labels[:warm], step)
-    start = time.perf_counter()
-    train_one_epoch(training, images, labels, step)
-    return len(images) / (time.perf_counter() - start)
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+    try:
+        train_one_epoch(training, images[:warm], labels[:warm], step)
+        start = time.perf_counter()
+        train_one_epoch(training, images, labels, step)
+        return len(images) / (time.perf_counter() - start)
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = False
 
 
 def augmentation(step: StepConfig, images: torch.Tensor) -> float:
@@ -69,6 +82,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     tune_malloc()
     model_cfg, cfg = configs(load_recipe(args.recipe))
+    make_deterministic(cfg.seed)  # as engine.build does for the train stage
     cfg = dataclasses.replace(cfg, device="cpu")
     step = StepConfig.of(cfg, torch.device("cpu"))
     images, labels = load_split(args.data / "train.pt")
@@ -78,6 +92,7 @@ def main() -> None:
         "ceiling (synthetic batch)": lambda: ceiling(model_cfg, cfg, args.steps, bf16, cfg.channels_last),
         "loop without augmentation": lambda: loop(model_cfg, cfg, dataclasses.replace(step, augment=Augment()), data),
         "loop with the recipe's augmentation": lambda: loop(model_cfg, cfg, step, data),
+        "the same with PyTorch's fill": lambda: loop(model_cfg, cfg, step, data, fill=True),
         "augmentation alone": lambda: augmentation(step, data[0]),
     }
     rates = dict.fromkeys(measures, 0.0)
@@ -108,6 +123,8 @@ def main() -> None:
             "augmentation's share of the step time (alone)": (1 / rates["augmentation alone"]) / step_time,
             "augmentation's share of the step time (loop with / without)": 1
             - rates["loop with the recipe's augmentation"] / rates["loop without augmentation"],
+            "loop with augmentation / the same with PyTorch's fill": rates["loop with the recipe's augmentation"]
+            / rates["the same with PyTorch's fill"],
         },
     }
     print(json.dumps({k: v for k, v in results.items() if k != "config"}, indent=2))

@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 
 from pipeline import preprocess, train
 from pipeline.core import engine, runtime
+from pipeline.params import ModelConfig, TrainConfig
 from pipeline.tracking import tags as run_tags
 
 from .helpers.stages import run_main
@@ -24,9 +25,11 @@ from .helpers.stages import run_main
 def restore_determinism():
     """make_deterministic() flips process-wide switches; put them back for the other tests."""
     algorithms, benchmark = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    fill = torch.utils.deterministic.fill_uninitialized_memory
     yield
     torch.use_deterministic_algorithms(algorithms)
     torch.backends.cudnn.benchmark = benchmark
+    torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 def test_make_deterministic_turns_every_switch(monkeypatch, restore_determinism) -> None:
@@ -34,10 +37,33 @@ def test_make_deterministic_turns_every_switch(monkeypatch, restore_determinism)
     torch.backends.cudnn.benchmark = True
     runtime.make_deterministic(3)
     assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+    assert not torch.utils.deterministic.fill_uninitialized_memory
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     a = torch.rand(3)
     runtime.make_deterministic(3)
     assert torch.equal(a, torch.rand(3))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("arch", ["tutorial", "fast3", "wide", "deep"])
+def test_no_op_reads_memory_it_did_not_write(arch, precision, restore_determinism) -> None:
+    """make_deterministic turns off PyTorch's NaN fill of new tensors: a step that read such memory
+    would come out different (or NaN) with the fill on. Each network trained with every kind of
+    augmentation and a weight average, both ways: the same bits."""
+    images = torch.randint(0, 256, (96, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(96) % 10
+    model_cfg = ModelConfig(arch=arch, nf=4)
+    augment = {"shift": 2, "rotate": 10.0, "scale": 0.1, "elastic": 0.5, "flip": True, "erase": 6}
+    cfg = TrainConfig(epochs=2, batch_size=32, lr=0.01, precision=precision, device="cpu", ema=0.9, **augment)
+    weights = []
+    for fill in (True, False):
+        model = engine.build(model_cfg, cfg, torch.device("cpu"))
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+        history = engine.fit(model, (images, labels), (images[:32], labels[:32]), cfg)
+        weights.append((history, model.state_dict()))
+    (history_filled, filled), (history, unfilled) = weights
+    assert history == history_filled and all(row["train_loss"] < 10 for row in history)  # NaN fails too
+    assert filled.keys() == unfilled.keys() and all(torch.equal(filled[k], unfilled[k]) for k in filled)
 
 
 def test_cublas_workspace_is_set_on_import_before_cuda_starts(monkeypatch) -> None:
