@@ -51,6 +51,7 @@ def loop(
     training = engine.start(model, data, cfg, step, resume=None)
     images, labels = data
     warm = 3 * cfg.batch_size
+    before = torch.utils.deterministic.fill_uninitialized_memory
     torch.utils.deterministic.fill_uninitialized_memory = fill
     try:
         train_one_epoch(training, images[:warm], labels[:warm], step)
@@ -58,7 +59,7 @@ def loop(
         train_one_epoch(training, images, labels, step)
         return len(images) / (time.perf_counter() - start)
     finally:
-        torch.utils.deterministic.fill_uninitialized_memory = False
+        torch.utils.deterministic.fill_uninitialized_memory = before
 
 
 def augmentation(step: StepConfig, images: torch.Tensor) -> float:

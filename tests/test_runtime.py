@@ -55,13 +55,14 @@ def test_no_op_reads_memory_it_did_not_write(arch, precision, restore_determinis
     model_cfg = ModelConfig(arch=arch, nf=4)
     augment = {"shift": 2, "rotate": 10.0, "scale": 0.1, "elastic": 0.5, "flip": True, "erase": 6}
     cfg = TrainConfig(epochs=2, batch_size=32, lr=0.01, precision=precision, device="cpu", ema=0.9, **augment)
-    weights = []
-    for fill in (True, False):
-        model = engine.build(model_cfg, cfg, torch.device("cpu"))
+
+    def trained(fill: bool) -> tuple[list, dict]:
+        model = engine.build(model_cfg, cfg, torch.device("cpu"))  # make_deterministic: fill off
         torch.utils.deterministic.fill_uninitialized_memory = fill
         history = engine.fit(model, (images, labels), (images[:32], labels[:32]), cfg)
-        weights.append((history, model.state_dict()))
-    (history_filled, filled), (history, unfilled) = weights
+        return history, model.state_dict()
+
+    (history_filled, filled), (history, unfilled) = trained(True), trained(False)
     assert history == history_filled and all(row["train_loss"] < 10 for row in history)  # NaN fails too
     assert filled.keys() == unfilled.keys() and all(torch.equal(filled[k], unfilled[k]) for k in filled)
 

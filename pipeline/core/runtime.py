@@ -47,8 +47,8 @@ def make_deterministic(seed: int) -> None:
     torch.use_deterministic_algorithms(True)
     # Deterministic mode also fills every new tensor with NaN, a guard against ops that read memory
     # nobody wrote. None of ours does (tests/test_runtime.py trains each network both ways, bit for
-    # bit the same), and on the CPU the fills cost about 5% of `best`'s step time
-    # (bench/augment_cost.py's "PyTorch's fill" row), as PyTorch's notes on the switch say.
+    # bit the same), and on the CPU the fills cost a few per cent of `best`'s step time (1.00-1.07x
+    # in bench/augment_cost.py's "PyTorch's fill" row; PyTorch's notes call them a cost too).
     torch.utils.deterministic.fill_uninitialized_memory = False
     torch.backends.cudnn.benchmark = False
 
