@@ -16,7 +16,7 @@ from pipeline.data.datasets import DATASETS
 
 PARAMS_FILE = Path("params.yaml")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-ARCHS = ("tutorial", "fast", "fast3", "wide", "deep")
+ARCHS = ("tutorial", "fast", "fast3", "wide", "deep", "vgg")
 PRECISIONS = ("auto", "fp32", "bf16")
 SCHEDULES = ("constant", "onecycle")
 MAX_SHIFT = 8  # pixels: a digit spans about 20 of the 28 (also the most elastic displacement)

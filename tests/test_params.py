@@ -65,7 +65,7 @@ BAD = [
     ("train", "device", "tpu", "train.device must be one of auto, cpu, cuda, mps"),
     ("train", "seed", "x", "train.seed must be an integer"),
     ("model", "nf", 0, "model.nf must be an integer >= 1"),
-    ("model", "arch", "resnet", "model.arch must be one of tutorial, fast, fast3, wide, deep, got 'resnet'"),
+    ("model", "arch", "resnet", "model.arch must be one of tutorial, fast, fast3, wide, deep, vgg, got 'resnet'"),
     ("train", "precision", "fp16", "train.precision must be one of auto, fp32, bf16, got 'fp16'"),
     ("train", "schedule", "cosine", "train.schedule must be one of constant, onecycle"),
     ("train", "channels_last", "yes", "train.channels_last must be a bool, got 'yes'"),

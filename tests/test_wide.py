@@ -1,4 +1,4 @@
-"""The `fast3`, `wide` and `deep` networks keep the contract (raw pixels in, 10 logits out, exported and
+"""The `fast3`, `wide`, `deep` and `vgg` networks keep the contract (raw pixels in, 10 logits out, exported and
 reloaded as the logged model is) and the weight average (train.ema) is validated, saved and resumed."""
 
 import copy
@@ -19,7 +19,7 @@ def pixels(n: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
 
 
-ARCHS = ["fast3", "wide", "deep"]
+ARCHS = ["fast3", "wide", "deep", "vgg"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
