@@ -292,6 +292,28 @@ def test_the_best_recipe_is_the_best_trial_not_another(workdir, objective, value
     assert f"{objective} {values[best_lr]:.4f}" in path.read_text().splitlines()[0]
 
 
+def test_grid_workers_and_a_resumed_run_take_each_point_once(workdir) -> None:
+    """GridSampler gives trial k the k-th point of an order drawn from its seed: two workers side by
+    side, then a lone worker that resumes the study, each with its own sampler, cover the grid once
+    (with a seed per worker, as TPE gets, two of them took one point twice)."""
+    choices = {"train.flip": [False, True], "train.erase": [0, 8]}
+    params = {key: {"type": "categorical", "choices": values} for key, values in choices.items()}
+    write_sweep(workdir, trials=4, params=params, sampler={"name": "grid", "seed": 0}, pruner="none")
+    sweep = load_sweep("tiny")
+    study = optuna.create_study()
+
+    def objective(trial: optuna.Trial) -> float:
+        for dim in sweep.params:
+            dim.suggest(trial)
+        return 0.0
+
+    for k, (index, jobs) in enumerate([(0, 2), (1, 2), (0, 1), (0, 1)]):
+        study.sampler = workers.make_sampler(sweep, index, jobs, trials_so_far=k)
+        study.optimize(objective, n_trials=1)
+    points = sorted((t.params["train.flip"], t.params["train.erase"]) for t in study.trials)
+    assert points == [(False, 0), (False, 8), (True, 0), (True, 8)]
+
+
 def _study_with_best(sweep, params: dict, value: float = 0.9, **attrs) -> optuna.Study:
     """An in-memory study whose one complete trial holds `params` as written by anyone."""
     study = optuna.create_study(direction=sweep.direction)
