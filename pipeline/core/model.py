@@ -91,7 +91,33 @@ def conv_bn_relu(c_in: int, c_out: int, kernel: int = 3, stride: int = 1, paddin
     return [conv, nn.BatchNorm2d(c_out), nn.ReLU()]
 
 
-class WideNet(nn.Module):
+def pooled_stages(nf: int, blocks: tuple[int, ...]) -> nn.Sequential:
+    """3x3 conv-BN-ReLU blocks keeping the size, blocks[i] of them at nf * 2**i channels, a 2x2
+    max-pool between stages (28x28, 14x14, 7x7 for three), then a global average: (B, C, 1, 1)."""
+    layers: list[nn.Module] = []
+    channels = 1
+    for i, n in enumerate(blocks):
+        if i:
+            layers.append(nn.MaxPool2d(2))
+        for _ in range(n):
+            layers += conv_bn_relu(channels, nf * 2**i)
+            channels = nf * 2**i
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1))
+
+
+class ConvsAndLinear(nn.Module):
+    """What the wide, deep and vgg networks share: pixels scaled as Net's, `convs` down to (B, C, 1, 1),
+    then one linear layer `head` (each network's __init__ builds both)."""
+
+    convs: nn.Sequential
+    head: nn.Linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float() / 127.5 - 1.0  # [0, 255] -> [-1, 1], as Net
+        return self.head(self.convs(x).flatten(1))  # (B, C) -> (B, 10)
+
+
+class WideNet(ConvsAndLinear):
     """The capacity for augmentation (`model.arch: wide`), same contract as Net: five 3x3
     conv-BN-ReLU blocks, nf channels at 28x28, 2nf at 14x14, 4nf at 7x7, then a global average
     and one linear layer. At nf 16: 5.5 M multiply-adds an image (FastNet's 0.37 M, Net's 9.4 M at
@@ -99,24 +125,11 @@ class WideNet(nn.Module):
 
     def __init__(self, nf: int = 32) -> None:
         super().__init__()
-        self.convs = nn.Sequential(
-            *conv_bn_relu(1, nf),
-            *conv_bn_relu(nf, nf),
-            nn.MaxPool2d(2),  # (B, nf, 14, 14)
-            *conv_bn_relu(nf, 2 * nf),
-            *conv_bn_relu(2 * nf, 2 * nf),
-            nn.MaxPool2d(2),  # (B, 2nf, 7, 7)
-            *conv_bn_relu(2 * nf, 4 * nf),
-            nn.AdaptiveAvgPool2d(1),  # (B, 4nf, 1, 1)
-        )
+        self.convs = pooled_stages(nf, blocks=(2, 2, 1))  # (B, 4nf, 1, 1)
         self.head = nn.Linear(4 * nf, NUM_CLASSES)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float() / 127.5 - 1.0  # [0, 255] -> [-1, 1], as Net
-        return self.head(self.convs(x).flatten(1))  # (B, 4nf) -> (B, 10)
 
-
-class DeepNet(nn.Module):
+class DeepNet(ConvsAndLinear):
     """Seven conv-BN-ReLU blocks (`model.arch: deep`), same contract as Net: two unpadded 3x3 convs
     at nf channels and a strided 5x5 that halves the size, the same at 2nf, then a 4x4 conv at 4nf
     that sees the whole 4x4 map (a dense layer over it) and one linear layer. Learned downsampling
@@ -136,35 +149,19 @@ class DeepNet(nn.Module):
         )
         self.head = nn.Linear(4 * nf, NUM_CLASSES)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float() / 127.5 - 1.0  # [0, 255] -> [-1, 1], as Net
-        return self.head(self.convs(x).flatten(1))  # (B, 4nf) -> (B, 10)
 
-
-class VGGNet(nn.Module):
+class VGGNet(ConvsAndLinear):
     """Most of the width where the maps are small (`model.arch: vgg`), same contract as Net: one 3x3
     conv-BN-ReLU at nf channels on 28x28, two at 2nf on 14x14, two at 4nf on 7x7 (max-pooling
     between), a global average and one linear layer. At nf 32: 22 M multiply-adds an image and
-    279 k weights (WideNet at nf 24: 12 M and 79 k), yet a step as fast or faster, since only one
-    conv runs on the 28x28 maps whose memory traffic bounds a CPU; the `fashion-best` recipe."""
+    279 k weights (WideNet at nf 24: 12 M and 79 k), yet an epoch about as long on a CPU, where the
+    28x28 maps' memory traffic bounds the step and only one conv runs there (docs/performance.md);
+    the `fashion-best` recipe."""
 
     def __init__(self, nf: int = 32) -> None:
         super().__init__()
-        self.convs = nn.Sequential(
-            *conv_bn_relu(1, nf),
-            nn.MaxPool2d(2),  # (B, nf, 14, 14)
-            *conv_bn_relu(nf, 2 * nf),
-            *conv_bn_relu(2 * nf, 2 * nf),
-            nn.MaxPool2d(2),  # (B, 2nf, 7, 7)
-            *conv_bn_relu(2 * nf, 4 * nf),
-            *conv_bn_relu(4 * nf, 4 * nf),
-            nn.AdaptiveAvgPool2d(1),  # (B, 4nf, 1, 1)
-        )
+        self.convs = pooled_stages(nf, blocks=(1, 2, 2))  # (B, 4nf, 1, 1)
         self.head = nn.Linear(4 * nf, NUM_CLASSES)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float() / 127.5 - 1.0  # [0, 255] -> [-1, 1], as Net
-        return self.head(self.convs(x).flatten(1))  # (B, 4nf) -> (B, 10)
 
 
 NETWORKS = {"tutorial": Net, "fast": FastNet, "fast3": Fast3Net, "wide": WideNet, "deep": DeepNet, "vgg": VGGNet}
