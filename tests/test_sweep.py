@@ -308,7 +308,7 @@ def test_grid_workers_and_a_resumed_run_take_each_point_once(workdir) -> None:
         return 0.0
 
     for k, (index, jobs) in enumerate([(0, 2), (1, 2), (0, 1), (0, 1)]):
-        study.sampler = workers.make_sampler(sweep, index, jobs, trials_so_far=k)
+        study.sampler = sweep.make_sampler(workers.worker_seed(0, index, jobs, trials_so_far=k))  # as work() does
         study.optimize(objective, n_trials=1)
     points = sorted((t.params["train.flip"], t.params["train.erase"]) for t in study.trials)
     assert points == [(False, 0), (False, 8), (True, 0), (True, 8)]

@@ -92,10 +92,13 @@ class Sweep:
         return OBJECTIVES[self.objective]
 
     def make_sampler(self, seed: int | None) -> optuna.samplers.BaseSampler:
-        """The sampler the file names, seeded with `seed` (each worker its own: see workers.py)."""
+        """The sampler the file names, seeded with `seed` (each worker its own: see workers.py); a grid
+        always with the file's seed (0 for null): GridSampler orders its points by it and gives trial k
+        the k-th, so workers or a resumed run with other seeds would take one point twice."""
         name, options = self.sampler["name"], {k: v for k, v in self.sampler.items() if k not in ("name", "seed")}
         if name == "grid":
-            return optuna.samplers.GridSampler({d.key: d.grid() for d in self.params}, seed=seed)
+            grid = {d.key: d.grid() for d in self.params}
+            return optuna.samplers.GridSampler(grid, seed=self.sampler.get("seed") or 0)
         return _construct(SAMPLERS[name], options | {"seed": seed}, f"{self.path}: sampler")
 
     def make_pruner(self) -> optuna.pruners.BasePruner:

@@ -7,7 +7,6 @@ import logging
 import os
 from pathlib import Path
 
-import optuna
 import torch
 
 from pipeline.core.checkpoint import file_md5
@@ -35,16 +34,6 @@ def worker_seed(base: int | None, local_index: int, jobs: int, trials_so_far: in
     return base + trials_so_far + local_index + jobs * array
 
 
-def make_sampler(sweep: Sweep, local_index: int, jobs: int, trials_so_far: int) -> optuna.samplers.BaseSampler:
-    """This worker's sampler. A grid's is seeded alike in every worker and every run: GridSampler
-    orders its points by its seed and gives trial k the k-th, so workers (or a resumed run) with
-    other seeds would take one point twice and leave another out."""
-    seed = sweep.sampler.get("seed", 0)
-    if sweep.sampler["name"] == "grid":
-        return sweep.make_sampler(0 if seed is None else seed)
-    return sweep.make_sampler(worker_seed(seed, local_index, jobs, trials_so_far))
-
-
 def work(sweep: Sweep, url: str, data: Path, local_index: int = 0, jobs: int = 1) -> None:
     """Run trials until the study holds sweep.trials complete or pruned ones (budget.run_trials)."""
     tune_malloc()
@@ -54,7 +43,7 @@ def work(sweep: Sweep, url: str, data: Path, local_index: int = 0, jobs: int = 1
     md5 = file_md5(data / "train.pt")
     commit = provenance.git_commit(ignore=("params.yaml", "dvc.lock", "recipes")) or "unknown"
     study = studies.open_study(sweep, url, seed=None, attrs={"data.train_md5": md5})
-    study.sampler = make_sampler(sweep, local_index, jobs, len(study.trials))
+    study.sampler = sweep.make_sampler(worker_seed(sweep.sampler.get("seed", 0), local_index, jobs, len(study.trials)))
     name = read_info(data, "preprocess").split_name("train")
     dataset = inputs.dataset(*train, source=str(data / "train.pt"), name=name)
     run_tags = tags.provenance_tags(md5, commit) | tags.dvc_tags()
