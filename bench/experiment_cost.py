@@ -68,26 +68,36 @@ def recipe_params(recipe: str) -> dict:
     return params
 
 
-def stage_costs(raw: Path, recipe: str, rounds: int, code: Path = REPO) -> dict[str, dict[str, float]]:
-    """Best-of-`rounds` wall time of preprocess, train and evaluate as processes; train's epoch time."""
+def stage_costs(raw: Path, recipe: str, rounds: int, codes: dict[str, Path] | None = None) -> dict[str, dict]:
+    """Best-of-`rounds` wall time of preprocess, train and evaluate as processes, and train's epoch
+    time, for each of `codes` (name: the pipeline's code; default this tree's), each in its own
+    scratch folder and MLflow store; the rounds alternate the codes' order (a shared machine's
+    load moves them alike). Returns {name: {stage: row}}."""
+    codes = codes or {"this tree": REPO}
     stages = {
         "preprocess": ["--raw", str(raw.resolve()), "--out", "data/processed"],
         "train": ["--data", "data/processed", "--out", "models", "--checkpoint", "ckpt.pt"],
         "evaluate": ["--data", "data/processed", "--models", "models", "--out", "reports"],
     }
-    best: dict[str, dict[str, float]] = {}
+    best: dict[str, dict[str, dict[str, float]]] = {name: {} for name in codes}
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        (work / "params.yaml").write_text(yaml.safe_dump(recipe_params(recipe), sort_keys=False))
-        environ = env(work, code)
-        for round_ in range(rounds + 1):  # round 0 creates the MLflow store and is not counted
-            for stage, argv in stages.items():
-                seconds, log = timed([sys.executable, "-m", f"pipeline.{stage}", *argv], work, environ)
-                epochs = sum(float(s) for s in EPOCH_LINE.findall(log))
-                row = {"wall": seconds, "epochs": epochs, "fixed": seconds - epochs}
-                print(f"round {round_}: {stage:10s} wall {seconds:6.2f} s, epochs {epochs:5.2f} s", flush=True)
-                if round_ and (stage not in best or row["fixed"] < best[stage]["fixed"]):
-                    best[stage] = row
+        works = {name: Path(tmp) / str(i) for i, name in enumerate(codes)}
+        for work in works.values():
+            work.mkdir()
+            (work / "params.yaml").write_text(yaml.safe_dump(recipe_params(recipe), sort_keys=False))
+        for round_ in range(rounds + 1):  # round 0 creates each MLflow store and is not counted
+            for name in list(codes)[:: 1 if round_ % 2 == 0 else -1]:
+                environ = env(works[name], codes[name])
+                for stage, argv in stages.items():
+                    seconds, log = timed([sys.executable, "-m", f"pipeline.{stage}", *argv], works[name], environ)
+                    epochs = sum(float(s) for s in EPOCH_LINE.findall(log))
+                    row = {"wall": seconds, "epochs": epochs, "fixed": seconds - epochs}
+                    print(
+                        f"round {round_} ({name}): {stage:10s} wall {seconds:6.2f} s, epochs {epochs:5.2f} s",
+                        flush=True,
+                    )
+                    if round_ and (stage not in best[name] or row["fixed"] < best[name][stage]["fixed"]):
+                        best[name][stage] = row
     return best
 
 
@@ -159,19 +169,12 @@ def system_metrics_share(seconds: float = 20.0) -> dict[str, float]:
 
 
 def side_by_side(raw: Path, recipe: str, rounds: int, rev: str) -> dict:
-    """The stages' costs with this working tree's code and with git revision `rev`'s, the rounds
-    alternating between the two (a shared machine's load moves both alike); the best round of each."""
+    """The stages' costs with this working tree's code and with git revision `rev`'s (stage_costs:
+    rounds alternating); the best round of each."""
     with tempfile.TemporaryDirectory() as tmp:
         archive = subprocess.run(["git", "archive", rev], cwd=REPO, capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
-        codes = {"this tree": REPO, rev: Path(tmp)}
-        best: dict[str, dict[str, dict[str, float]]] = {name: {} for name in codes}
-        for round_ in range(rounds):
-            for name, code in list(codes.items())[:: 1 if round_ % 2 == 0 else -1]:
-                print(f"round {round_ + 1}: {name}", flush=True)
-                for stage, row in stage_costs(raw, recipe, 1, code).items():
-                    if stage not in best[name] or row["fixed"] < best[name][stage]["fixed"]:
-                        best[name][stage] = row
+        best = stage_costs(raw, recipe, rounds, {"this tree": REPO, rev: Path(tmp)})
     ours, theirs = best["this tree"], best[rev]
     ratio = {stage: ours[stage]["fixed"] / theirs[stage]["fixed"] for stage in ours}
     return {"stages_seconds": ours, "against": rev, "against_seconds": theirs, "fixed_cost_ratio": ratio}
@@ -195,7 +198,7 @@ def main() -> None:
     results = {
         "date": date.today().isoformat(),
         "recipe": args.recipe,
-        "stages_seconds": stage_costs(args.raw, args.recipe, args.rounds),
+        "stages_seconds": stage_costs(args.raw, args.recipe, args.rounds)["this tree"],
         "dvc_exp_run_seconds": exp_run_cost(args.recipe),
         "system_metrics": system_metrics_share(),
     }
