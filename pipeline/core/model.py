@@ -107,10 +107,12 @@ def pooled_stages(nf: int, blocks: tuple[int, ...]) -> nn.Sequential:
 
 class ConvsAndLinear(nn.Module):
     """What the wide, deep and vgg networks share: pixels scaled as Net's, `convs` down to (B, C, 1, 1),
-    then one linear layer `head` (each network's __init__ builds both)."""
+    then one linear layer `head` from those C features to the logits."""
 
-    convs: nn.Sequential
-    head: nn.Linear
+    def __init__(self, convs: nn.Sequential, features: int) -> None:
+        super().__init__()
+        self.convs = convs
+        self.head = nn.Linear(features, NUM_CLASSES)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float() / 127.5 - 1.0  # [0, 255] -> [-1, 1], as Net
@@ -124,9 +126,7 @@ class WideNet(ConvsAndLinear):
     nf 32) and 36 k weights; at nf 32, 22 M and 140 k."""
 
     def __init__(self, nf: int = 32) -> None:
-        super().__init__()
-        self.convs = pooled_stages(nf, blocks=(2, 2, 1))  # (B, 4nf, 1, 1)
-        self.head = nn.Linear(4 * nf, NUM_CLASSES)
+        super().__init__(pooled_stages(nf, blocks=(2, 2, 1)), 4 * nf)  # convs to (B, 4nf, 1, 1)
 
 
 class DeepNet(ConvsAndLinear):
@@ -137,8 +137,7 @@ class DeepNet(ConvsAndLinear):
     3.8 M multiply-adds an image (WideNet's 5.5 M) and 82 k weights (36 k)."""
 
     def __init__(self, nf: int = 16) -> None:
-        super().__init__()
-        self.convs = nn.Sequential(
+        convs = nn.Sequential(
             *conv_bn_relu(1, nf, padding=0),  # (B, nf, 26, 26)
             *conv_bn_relu(nf, nf, padding=0),  # (B, nf, 24, 24)
             *conv_bn_relu(nf, nf, kernel=5, stride=2, padding=2),  # (B, nf, 12, 12)
@@ -147,7 +146,7 @@ class DeepNet(ConvsAndLinear):
             *conv_bn_relu(2 * nf, 2 * nf, kernel=5, stride=2, padding=2),  # (B, 2nf, 4, 4)
             *conv_bn_relu(2 * nf, 4 * nf, kernel=4, padding=0),  # (B, 4nf, 1, 1)
         )
-        self.head = nn.Linear(4 * nf, NUM_CLASSES)
+        super().__init__(convs, 4 * nf)
 
 
 class VGGNet(ConvsAndLinear):
@@ -159,9 +158,7 @@ class VGGNet(ConvsAndLinear):
     the `fashion-best` recipe."""
 
     def __init__(self, nf: int = 32) -> None:
-        super().__init__()
-        self.convs = pooled_stages(nf, blocks=(1, 2, 2))  # (B, 4nf, 1, 1)
-        self.head = nn.Linear(4 * nf, NUM_CLASSES)
+        super().__init__(pooled_stages(nf, blocks=(1, 2, 2)), 4 * nf)  # convs to (B, 4nf, 1, 1)
 
 
 NETWORKS = {"tutorial": Net, "fast": FastNet, "fast3": Fast3Net, "wide": WideNet, "deep": DeepNet, "vgg": VGGNet}
